@@ -1,0 +1,326 @@
+"""The lifecycle shared by the ``ModelCheckpoint`` front-ends (Keras, PyTorch).
+
+A front-end forwards its training events here; this class validates the arguments, decides when
+a save is due (``save_freq``, ``save_every_n_seconds``, ``save_best_only``), names the file the way
+Keras does, builds the framework-neutral training state, and hands the payload writer a
+transaction from the engine. The front-end only captures and restores framework objects.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import replace
+from typing import Any, Callable, Mapping
+
+from keras_ckpt import rng
+from keras_ckpt.engine import Engine, Transaction, locate
+from keras_ckpt.manifest import Record
+from keras_ckpt.policy import (
+    UNSET,
+    RetentionPolicy,
+    SaveSchedule,
+    resolve_mode,
+    resolve_preset,
+    score,
+    validate_positive_number,
+)
+
+STATE_FORMAT = 1
+_TEMPLATE = re.compile(r"\{(epoch|batch)(?:[:!][^}]*)?\}")
+
+# Writes the payload: (transaction, rendered path, training state) -> None.
+PayloadWriter = Callable[[Transaction, str, dict], None]
+
+
+def scalar_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
+    """The scalar numeric entries of ``logs`` as floats (numpy/tensor scalars included)."""
+    out: dict[str, float] = {}
+    for key, value in (logs or {}).items():
+        shape = getattr(value, "shape", ())
+        if shape not in ((), None) and tuple(shape) != ():
+            continue
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+class Checkpointer:
+    """Framework-neutral core of a ``ModelCheckpoint``.
+
+    Args:
+        filepath: file name template (``{epoch}``, ``{batch}`` and log keys, as Keras).
+        framework: recorded in the manifest's series.
+        owner: the front-end's class name, used in Keras's warning texts.
+        print_fn: where verbose messages go.
+        The remaining arguments are the public ``ModelCheckpoint`` ones (see DESIGN.md).
+    """
+
+    def __init__(
+        self,
+        filepath: str,
+        *,
+        framework: str,
+        owner: str = "ModelCheckpoint",
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_freq: str | int = "epoch",
+        mode: str = "auto",
+        initial_value_threshold: float | None = None,
+        max_to_keep: Any = UNSET,
+        keep_best: Any = UNSET,
+        keep_every_n_epochs: Any = UNSET,
+        keep_every_n_hours: Any = UNSET,
+        save_every_n_seconds: Any = UNSET,
+        resume: bool | str | os.PathLike = False,
+        preset: str | None = None,
+        print_fn: Callable[[str], None] = print,
+    ) -> None:
+        self.filepath = os.fspath(filepath)
+        self.monitor = monitor
+        self.verbose = verbose
+        self.save_best_only = save_best_only
+        self.print_fn = print_fn
+        if mode not in ("auto", "min", "max"):
+            warnings.warn(f"{owner} mode '{mode}' is unknown, fallback to auto mode.", stacklevel=3)
+            mode = "auto"
+        self.mode = mode
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0
+        ):
+            raise ValueError(
+                "save_freq must be 'epoch' or an integer > 0 (a number of batches). "
+                f"Received: save_freq={save_freq!r}"
+            )
+        self.save_freq = save_freq
+        if not isinstance(resume, (bool, str, os.PathLike)):
+            raise ValueError(
+                "resume must be True, False or a path to a checkpoint file or directory. "
+                f"Received: resume={resume!r}"
+            )
+        self.resume = resume
+        opts = resolve_preset(
+            preset,
+            {
+                "max_to_keep": max_to_keep,
+                "keep_best": keep_best,
+                "keep_every_n_epochs": keep_every_n_epochs,
+                "keep_every_n_hours": keep_every_n_hours,
+                "save_every_n_seconds": save_every_n_seconds,
+            },
+        )
+        validate_positive_number("save_every_n_seconds", opts["save_every_n_seconds"])
+        policy = RetentionPolicy(
+            max_to_keep=opts["max_to_keep"],
+            keep_best=opts["keep_best"],
+            keep_every_n_epochs=opts["keep_every_n_epochs"],
+            keep_every_n_hours=opts["keep_every_n_hours"],
+            monitor=monitor,
+            mode=resolve_mode(mode, monitor) or "min",
+        )
+        directory, base = os.path.split(self.filepath)
+        if "{" in directory:
+            raise ValueError(
+                "filepath may use placeholders in its file name only, not in its directory. "
+                f"Received: filepath={self.filepath!r}"
+            )
+        rotates = (policy.max_to_keep is not None and policy.max_to_keep > 1) or policy.keep_best > 0
+        if rotates and not _TEMPLATE.search(base):
+            raise ValueError(
+                "filepath names a single file (no {epoch} or {batch} placeholder), so it cannot "
+                f"hold max_to_keep={policy.max_to_keep} / keep_best={policy.keep_best} "
+                f"checkpoints. Add '{{epoch:03d}}' to the name. Received: filepath={self.filepath!r}"
+            )
+        self.schedule = SaveSchedule(
+            every_n_epochs=opts["save_every_n_epochs"] if save_freq == "epoch" else None,
+            every_n_batches=save_freq if save_freq != "epoch" else None,
+            every_n_seconds=opts["save_every_n_seconds"],
+            # The "long" preset checks the clock at epoch ends only; an explicit argument is per batch.
+            seconds_at_batch=save_every_n_seconds is not UNSET,
+        )
+        self.engine = Engine(
+            self.filepath, framework=framework, policy=policy, initial_best=initial_value_threshold
+        )
+        self.restored_path: str | None = None
+        self.restored_state: dict | None = None
+        self.epochs_done = 0
+        self.start_batch = 0
+        self.step = 0
+        self._running_epoch = 0
+        self._batches_since_save = 0
+        self._last_batch_seen: int | None = None
+        self._last_save = time.monotonic()
+
+    # -- what the front-ends expose ------------------------------------------------------------
+
+    @property
+    def needs_batch_events(self) -> bool:
+        return self.schedule.every_n_batches is not None or (
+            self.schedule.every_n_seconds is not None and self.schedule.seconds_at_batch
+        )
+
+    @property
+    def policy(self) -> RetentionPolicy:
+        return self.engine.policy
+
+    @property
+    def best(self) -> float | None:
+        return self.engine.best
+
+    @property
+    def best_path(self) -> str | None:
+        return self.engine.best_path
+
+    @property
+    def latest_path(self) -> str | None:
+        return self.engine.latest_path
+
+    @property
+    def checkpoints(self) -> list[Record]:
+        return self.engine.records
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def begin(self, infer_mode: Callable[[], str | None] | None = None) -> str | None:
+        """Check the directory and the monitor's direction; return the path to restore from, if any."""
+        self.engine.open("filepath")
+        mode = resolve_mode(self.mode, self.monitor)
+        if mode is None and infer_mode is not None:
+            mode = infer_mode()
+        if mode is None:
+            raise ValueError(
+                f"mode='auto' cannot tell whether monitor={self.monitor!r} should be minimized or "
+                "maximized. Pass mode='min' or mode='max'. Received: mode='auto'"
+            )
+        self.engine.set_policy(replace(self.engine.policy, mode=mode))
+        self._last_save = time.monotonic()
+        self._last_batch_seen = None
+        self._batches_since_save = 0
+        if self.resume is False:
+            return None
+        if self.resume is True:
+            if self.engine.has_foreign_checkpoints():
+                warnings.warn(
+                    f"resume=True: {self.engine.directory} holds checkpoint files but no "
+                    "checkpoints.json (not written by keras_ckpt); starting fresh and leaving "
+                    "those files alone.",
+                    stacklevel=3,
+                )
+            record = self.engine.latest_valid()
+            return self.engine.path_of(record) if record else None
+        path, _ = locate(os.fspath(self.resume), series=self.engine.series)
+        return path
+
+    def restored(self, path: str, state: Mapping[str, Any] | None) -> None:
+        """Adopt the training state loaded from ``path`` (epoch, step, RNG, best)."""
+        self.restored_path = path
+        self.restored_state = dict(state) if state else None
+        if not state:
+            return
+        self.epochs_done = int(state.get("epoch", 0))
+        self.step = int(state.get("step", 0))
+        self.start_batch = int(state.get("batch") or 0)
+        self._running_epoch = self.epochs_done
+        if state.get("rng"):
+            rng.restore(state["rng"])
+        monitor_state = state.get("monitor") or {}
+        if monitor_state.get("monitor") == self.monitor:
+            self.engine.adopt_best(monitor_state.get("best"))
+
+    def training_state(self, batch: int | None) -> dict[str, Any]:
+        """What every checkpoint file carries besides the framework objects."""
+        return {
+            "keras_ckpt": STATE_FORMAT,
+            "epoch": self.epochs_done,
+            "step": self.step,
+            "batch": batch,
+            "monitor": {
+                "monitor": self.monitor,
+                "mode": self.engine.policy.mode,
+                "best": self.engine.best,
+            },
+            "rng": rng.capture(),
+        }
+
+    def on_epoch_begin(self, epoch: int) -> None:
+        self._running_epoch = epoch
+
+    def batch_due(self, batch: int) -> bool:
+        """Count a finished batch (Keras's ``steps_per_execution`` jumps included); is a save due?"""
+        if self._last_batch_seen is None or batch <= self._last_batch_seen:
+            added = batch + 1
+        else:
+            added = batch - self._last_batch_seen
+        self._last_batch_seen = batch
+        self._batches_since_save += added
+        due = self.schedule.due_at_batch_end(
+            self._batches_since_save, time.monotonic() - self._last_save
+        )
+        if due:
+            self._batches_since_save = 0
+        return due
+
+    def epoch_due(self, epoch: int) -> bool:
+        self.epochs_done = epoch + 1
+        return self.schedule.due_at_epoch_end(self.epochs_done, time.monotonic() - self._last_save)
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def render(self, epoch: int, batch: int | None, logs: Mapping[str, Any]) -> str:
+        """Keras's file naming: ``{epoch}`` is 1-based, ``{batch}`` too, log keys by name."""
+        try:
+            if batch is None or "batch" in logs:
+                return self.filepath.format(epoch=epoch + 1, **logs)
+            return self.filepath.format(epoch=epoch + 1, batch=batch + 1, **logs)
+        except KeyError as e:
+            raise KeyError(f'Failed to format this callback filepath: "{self.filepath}". Reason: {e}')
+
+    def save(
+        self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None, write: PayloadWriter
+    ) -> Record | None:
+        """Save now unless ``save_best_only`` says no; return the committed record."""
+        logs = dict(logs or {})
+        path = self.render(epoch, batch, logs)
+        metrics = scalar_logs(logs)
+        uses_monitor = self.save_best_only or self.engine.policy.keep_best > 0
+        if uses_monitor and score(metrics, self.monitor) is None:
+            why = "missing" if self.monitor not in metrics else "NaN"
+            warnings.warn(
+                f"Can save best model only with {self.monitor} available."
+                if why == "missing"
+                else f"{self.monitor} is NaN: this checkpoint is never ranked best.",
+                stacklevel=3,
+            )
+        elif self.save_best_only:
+            current = metrics[self.monitor]
+            best_str = "None" if self.best is None or math.isinf(self.best) else f"{self.best:.5f}"
+            if not self.engine.is_improvement(current):
+                self._say(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_str}")
+                return None
+            self._say(
+                f"\nEpoch {epoch + 1}: {self.monitor} improved from {best_str} to "
+                f"{current:.5f}, saving model to {path}"
+            )
+        if not self.save_best_only:
+            self._say(f"\nEpoch {epoch + 1}: saving model to {path}")
+        state = self.training_state(batch)
+        with self.engine.transaction(
+            path, epoch=self.epochs_done, step=self.step, metrics=metrics
+        ) as tx:
+            write(tx, path, state)
+        self._last_save = time.monotonic()
+        self._batches_since_save = 0
+        for gone in tx.deleted:
+            self._say(f"Epoch {epoch + 1}: removed checkpoint {gone.name} (retention)", level=2)
+        self._say(f"\nEpoch {epoch + 1}: finished saving model to {path}")
+        return tx.record
+
+    def _say(self, message: str, level: int = 1) -> None:
+        if self.verbose >= level:
+            self.print_fn(message)

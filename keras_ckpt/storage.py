@@ -1,0 +1,232 @@
+"""Where bytes go: atomic local files with checksums.
+
+Every final path is reached by ``rename`` from a temporary file in the same directory after the
+data is fsynced, and the directory is fsynced after the rename, so a file is either complete or
+absent whatever instant the process dies. Temporary names start with ``.keras_ckpt-tmp`` so a
+crash's leftovers are recognisable and swept at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from typing import IO, Iterator
+
+import xxhash
+
+TMP_PREFIX = ".keras_ckpt-tmp"
+LOCK_NAME = ".checkpoints.lock"
+_CHUNK = 16 << 20
+
+
+def fsync_dir(directory: str) -> None:
+    """Persist a rename; Windows cannot open a directory, so it is skipped there."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_file(path: str) -> tuple[str, int]:
+    """The xxh3-128 hex digest and size of a file."""
+    h = xxhash.xxh3_128()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+    return h.hexdigest(), size
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only file object that checksums bytes as they stream out.
+
+    Writers that seek back and rewrite (zip headers, h5py) invalidate the running hash; the
+    writer then notes it and the file is hashed again after it is complete.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__()
+        self._raw = raw
+        self._hash = xxhash.xxh3_128()
+        self._pos = 0
+        self._size = 0
+        self.sequential = True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        n = self._raw.write(b)
+        if n is None:
+            n = len(b)
+        if self.sequential and self._pos == self._size:
+            self._hash.update(memoryview(b)[:n] if n != len(b) else b)
+        else:
+            self.sequential = False
+        self._pos += n
+        self._size = max(self._size, self._pos)
+        return n
+
+    def read(self, size: int = -1) -> bytes:  # h5py's fileobj driver reads what it wrote
+        data = self._raw.read(size)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        n = self._raw.readinto(b)
+        self._pos += n or 0
+        return n or 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = self._raw.seek(offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def truncate(self, size: int | None = None) -> int:
+        self.sequential = False
+        return self._raw.truncate(size)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def digest(self) -> str | None:
+        """The checksum, or None when the writer did not write strictly sequentially."""
+        return self._hash.hexdigest() if self.sequential and self._pos == self._size else None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+
+def _prefix() -> str:
+    # The writer's pid in the name lets a sweep tell a dead writer's leftovers from live work.
+    return f"{TMP_PREFIX}-{os.getpid()}-"
+
+
+def temp_path(directory: str, final_name: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f"{_prefix()}{final_name}-", dir=directory)
+    os.close(fd)
+    return path
+
+
+def temp_dir(directory: str) -> str:
+    return tempfile.mkdtemp(prefix=_prefix(), dir=directory)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path) or "."
+    tmp = temp_path(directory, os.path.basename(path))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def sweep_temporaries(directory: str) -> None:
+    """Remove the temporary files that writers which have since died left behind."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not name.startswith(TMP_PREFIX + "-"):
+            continue
+        pid = name[len(TMP_PREFIX) + 1 :].split("-", 1)[0]
+        if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            continue
+        remove_quietly(os.path.join(directory, name))
+
+
+def ensure_directory(directory: str, argname: str, value: str) -> None:
+    """Create ``directory`` or raise a ValueError naming the argument that led to it."""
+    try:
+        os.makedirs(directory or ".", exist_ok=True)
+        probe = temp_path(directory or ".", "probe")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(
+            f"{argname} points into a directory that cannot be created or written "
+            f"({directory!r}: {e.strerror or e}). Received: {argname}={value!r}"
+        ) from e
+
+
+_process_locks: dict[str, threading.Lock] = {}
+_process_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str) -> Iterator[None]:
+    """Serialise manifest read-modify-write among threads and processes sharing ``directory``."""
+    key = os.path.realpath(directory)
+    with _process_locks_guard:
+        lock = _process_locks.setdefault(key, threading.Lock())
+    with lock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: the in-process lock is what we can offer
+            yield
+            return
+        fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
