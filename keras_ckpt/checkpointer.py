@@ -13,8 +13,9 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from keras_ckpt import rng
 from keras_ckpt.engine import Engine, Transaction, locate
@@ -279,7 +280,9 @@ class Checkpointer:
                 return self.filepath.format(epoch=epoch + 1, **logs)
             return self.filepath.format(epoch=epoch + 1, batch=batch + 1, **logs)
         except KeyError as e:
-            raise KeyError(f'Failed to format this callback filepath: "{self.filepath}". Reason: {e}')
+            raise KeyError(
+                f'Failed to format this callback filepath: "{self.filepath}". Reason: {e}'
+            ) from e
 
     def save(
         self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None, write: PayloadWriter

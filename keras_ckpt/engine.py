@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any
 
 from keras_ckpt import manifest as mf
 from keras_ckpt import storage

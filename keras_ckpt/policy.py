@@ -8,8 +8,9 @@ names to keep and why, so every rule is testable without a filesystem.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 LATEST = "latest"
 BEST = "best"

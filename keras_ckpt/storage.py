@@ -15,7 +15,8 @@ import shutil
 import sys
 import tempfile
 import threading
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 import xxhash
 
@@ -137,7 +138,8 @@ def _prefix() -> str:
 
 
 def temp_path(directory: str, final_name: str) -> str:
-    fd, path = tempfile.mkstemp(prefix=f"{_prefix()}{final_name}-", dir=directory)
+    # Ending in the final name keeps its extension for writers that dispatch on it (Keras).
+    fd, path = tempfile.mkstemp(prefix=_prefix(), suffix=f"-{final_name}", dir=directory)
     os.close(fd)
     return path
 

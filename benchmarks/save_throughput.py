@@ -1,0 +1,201 @@
+"""Synchronous checkpoint save throughput: keras_ckpt's writers against stock Keras and raw disk.
+
+    python benchmarks/save_throughput.py [--params 50e6] [--repeats 5] [--backend tensorflow]
+
+Every measurement runs until the bytes are on disk (the call, then fsync) and writes a new file
+(the previous one of the same row is deleted first, outside the timing). Rows are interleaved
+round by round, in a rotating order, after one untimed warm-up round, so a noisy neighbour or a
+slow disk phase hits every row alike; the table shows medians. "ratio" is the row's throughput
+over raw ``write`` + ``fsync`` of a buffer as large as our ``.keras`` file.
+
+To add a row, write one function ``(bench, path) -> None`` and decorate it with ``@row``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Bench:
+    """What the rows share: the model under test and a raw buffer of the checkpoint's size."""
+
+    model: Any
+    raw: memoryview
+    state: bytes
+
+
+@dataclass
+class Row:
+    label: str
+    suffix: str
+    fn: Callable[[Bench, str], None]
+    fsync: bool  # False for rows whose save fsyncs by itself (the engine does)
+
+
+ROWS: list[Row] = []
+
+
+def row(label: str, suffix: str, fsync: bool = True) -> Callable:
+    """Register a timed row: ``fn(bench, path)`` writes one checkpoint to ``path``."""
+
+    def register(fn: Callable[[Bench, str], None]) -> Callable[[Bench, str], None]:
+        ROWS.append(Row(label, suffix, fn, fsync))
+        return fn
+
+    return register
+
+
+@row("raw write + fsync", ".bin")
+def raw_write(bench: Bench, path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        data = bench.raw
+        while data:
+            data = data[os.write(fd, data) :]
+    finally:
+        os.close(fd)
+
+
+@row("keras_ckpt write_weights_h5", ".weights.h5")
+def ours_weights_h5(bench: Bench, path: str) -> None:
+    from keras_ckpt import _kerasio
+
+    _kerasio.write_weights_h5(bench.model, path, state=bench.state)
+
+
+@row("keras_ckpt write_keras", ".keras")
+def ours_keras(bench: Bench, path: str) -> None:
+    from keras_ckpt import _kerasio
+
+    _kerasio.write_keras(bench.model, path, state=bench.state)
+
+
+@row("stock model.save (.keras, = ModelCheckpoint)", ".keras")
+def stock_keras(bench: Bench, path: str) -> None:
+    bench.model.save(path, overwrite=True)  # what keras.callbacks.ModelCheckpoint calls
+
+
+@row("stock model.save_weights (.weights.h5)", ".weights.h5")
+def stock_weights(bench: Bench, path: str) -> None:
+    bench.model.save_weights(path, overwrite=True)
+
+
+@row("keras_ckpt.ModelCheckpoint full save", ".keras", fsync=False)
+def full_checkpoint(bench: Bench, path: str) -> None:
+    """Placeholder for the full engine save (write, checksum, fsync, manifest commit, prune).
+
+    Until it is filled in, raising NotImplementedError drops the row from the table.
+    """
+    raise NotImplementedError
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _timed(entry: Row, bench: Bench, path: str) -> tuple[float, int]:
+    if os.path.exists(path):
+        os.unlink(path)
+    gc.collect()
+    start = time.perf_counter()
+    entry.fn(bench, path)
+    if entry.fsync:
+        _fsync(path)
+    return time.perf_counter() - start, os.path.getsize(path)
+
+
+def _build_model(params: float, width: int) -> Any:
+    import keras
+    import numpy as np
+
+    layers = max(1, round(params / (width * width + width)))
+    model = keras.Sequential(
+        [keras.Input((width,))] + [keras.layers.Dense(width) for _ in range(layers)]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, width), dtype="float32")
+    model.train_on_batch(x, x)  # builds Adam's moments and makes them non-zero
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=float, default=50e6, help="model parameters (~)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--width", type=int, default=2048, help="Dense layer width")
+    parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "tensorflow"))
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    args = parser.parse_args(argv)
+    os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.path.insert(0, _ROOT)
+
+    import keras
+    import numpy as np
+
+    model = _build_model(args.params, args.width)
+    n_params = sum(int(np.prod(v.shape)) for v in model.weights)
+    directory = tempfile.mkdtemp(prefix="save_throughput-", dir=args.dir)
+    try:
+        # Size the raw row like our .keras file; touch the buffer so its pages exist.
+        bench = Bench(model, memoryview(b""), state=b'{"epoch": 1}')
+        probe = os.path.join(directory, "probe.keras")
+        ours_keras(bench, probe)
+        raw = np.random.default_rng(1).integers(0, 256, os.path.getsize(probe), dtype=np.uint8)
+        os.unlink(probe)
+        bench.raw = memoryview(raw)
+
+        rows = list(ROWS)
+        times: dict[str, list[float]] = {r.label: [] for r in rows}
+        sizes: dict[str, int] = {}
+        for round_ in range(args.repeats + 1):  # round 0 warms up and is not counted
+            shift = round_ % len(rows)
+            for entry in rows[shift:] + rows[:shift]:
+                path = os.path.join(directory, f"row{ROWS.index(entry)}{entry.suffix}")
+                try:
+                    seconds, size = _timed(entry, bench, path)
+                except NotImplementedError:
+                    rows.remove(entry)
+                    continue
+                if round_:
+                    times[entry.label].append(seconds)
+                sizes[entry.label] = size
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+    print(
+        f"keras {keras.__version__}, backend {args.backend}, {n_params / 1e6:.1f}M params "
+        f"+ Adam, {args.repeats} rounds (median), {os.cpu_count()} CPUs"
+    )
+    raw_label = ROWS[0].label
+    raw_rate = sizes[raw_label] / statistics.median(times[raw_label])
+    print(f"{'row':48} {'MB':>7} {'median s':>9} {'min s':>7} {'GB/s':>6} {'ratio':>6}")
+    for entry in rows:
+        median = statistics.median(times[entry.label])
+        rate = sizes[entry.label] / median
+        print(
+            f"{entry.label:48} {sizes[entry.label] / 1e6:7.1f} {median:9.3f} "
+            f"{min(times[entry.label]):7.3f} {rate / 1e9:6.2f} {rate / raw_rate:6.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

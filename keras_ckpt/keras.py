@@ -1,0 +1,310 @@
+"""Keras 3 front-end: ``keras_ckpt.ModelCheckpoint``, a drop-in superset of Keras's own."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import types
+import warnings
+from typing import Any
+
+import h5py
+import keras
+import numpy as np
+from keras.src.callbacks.callback import Callback
+from keras.src.utils import io_utils
+
+from keras_ckpt import _kerasio
+from keras_ckpt.checkpointer import Checkpointer
+from keras_ckpt.engine import Transaction
+from keras_ckpt.manifest import Record
+from keras_ckpt.policy import UNSET
+
+_SEED_STATE = "seed_generator_state"
+
+
+class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras's ``ModelCheckpoint`` plus rotation, best-N, full training state and exact resume.
+
+    Every argument and behaviour of ``keras.callbacks.ModelCheckpoint`` keeps working. On top of
+    them it keeps the latest N ∪ the best N ∪ every N-th epoch ∪ one per N hours, writes each file
+    atomically (a crash never destroys a committed checkpoint) with a checksum in the directory's
+    ``checkpoints.json``, stores the whole training state in each file (weights, optimizer
+    variables and iterations, SeedGenerator states, numpy/Python/backend RNGs, epoch, step and
+    this callback's best-N state) and, with ``resume=True``, continues an interrupted ``fit`` at
+    the next epoch, bit for bit.
+
+    Example:
+
+    ```python
+    ckpt = keras_ckpt.ModelCheckpoint(
+        "runs/a/ckpt-{epoch:03d}.keras", monitor="val_accuracy", mode="max",
+        max_to_keep=3, keep_best=2, resume=True)
+    model.fit(x, y, validation_split=0.2, epochs=20, callbacks=[ckpt])
+    ckpt.best, ckpt.best_path        # 0.97, "runs/a/ckpt-012.keras"
+    ```
+
+    Args:
+        filepath: where to save, a template as in Keras (``{epoch:02d}``, ``{batch}``, log keys).
+            Ends in ``.keras`` (full model), ``.weights.h5`` (with ``save_weights_only=True``)
+            or ``.h5`` (legacy).
+        monitor, verbose, save_best_only, save_weights_only, mode, save_freq,
+            initial_value_threshold: as in ``keras.callbacks.ModelCheckpoint``.
+        max_to_keep: keep the N most recent checkpoints (None: all). The newest is never deleted.
+        keep_best: also keep the N best by ``monitor``/``mode`` (with rotation on, the single best
+            is kept even at 0).
+        keep_every_n_epochs: never delete the checkpoint of every N-th epoch.
+        keep_every_n_hours: never delete one checkpoint per N hours of training (wall clock, as
+            recorded in the manifest, so it survives restarts).
+        save_every_n_seconds: also save when this many seconds passed since the last save.
+        save_optimizer: save the optimizer variables and iteration count. The bookkeeping
+            (epoch, step, RNG, best-N state) is saved either way.
+        resume: ``True``: at train begin, restore the newest checkpoint of this directory that
+            verifies and continue at the next epoch (``fit(epochs=N)`` trains the remaining ones;
+            no checkpoint yet: start fresh). A path: restore from that file or directory (e.g. a
+            read-only copy of an earlier job's output) and write new checkpoints to ``filepath``.
+        preset: ``"short"`` (keep latest 1 + best 1), ``"normal"`` (latest 10 + best 1) or
+            ``"long"`` (save every 5 epochs or hourly, keep latest 20 + best 3 + one per day);
+            it fills in only the arguments you did not pass.
+    """
+
+    def __init__(
+        self,
+        filepath: str | os.PathLike,
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "auto",
+        save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
+        *,
+        max_to_keep: int | None = UNSET,
+        keep_best: int = UNSET,
+        keep_every_n_epochs: int | None = UNSET,
+        keep_every_n_hours: float | None = UNSET,
+        save_every_n_seconds: float | None = UNSET,
+        save_optimizer: bool = True,
+        resume: bool | str | os.PathLike = False,
+        preset: str | None = None,
+    ) -> None:
+        super().__init__(
+            filepath,
+            monitor=monitor,
+            verbose=verbose,
+            save_best_only=save_best_only,
+            save_weights_only=save_weights_only,
+            mode=mode,
+            save_freq=save_freq,
+            initial_value_threshold=initial_value_threshold,
+        )
+        if not save_weights_only and self.filepath.endswith(".weights.h5"):
+            # Keras accepts it (it ends in ".h5") and then writes a legacy whole-model file under
+            # a weights-only name.
+            raise ValueError(
+                "A `.weights.h5` filepath holds weights only: pass save_weights_only=True, or use "
+                f"a `.keras` filepath to save the whole model. Received: filepath={self.filepath}"
+            )
+        self.save_optimizer = bool(save_optimizer)
+        self._core = Checkpointer(
+            self.filepath,
+            framework="keras",
+            owner=type(self).__name__,
+            monitor=monitor,
+            verbose=verbose,
+            save_best_only=save_best_only,
+            save_freq=save_freq,
+            mode=self.mode,  # Keras already warned about an unknown mode and fell back to auto
+            initial_value_threshold=initial_value_threshold,
+            max_to_keep=max_to_keep,
+            keep_best=keep_best,
+            keep_every_n_epochs=keep_every_n_epochs,
+            keep_every_n_hours=keep_every_n_hours,
+            save_every_n_seconds=save_every_n_seconds,
+            resume=resume,
+            preset=preset,
+            print_fn=io_utils.print_msg,
+        )
+        self._resume_pending = resume is not False
+        if not self._core.needs_batch_events:
+            # Without a batch hook Keras may dispatch batch callbacks asynchronously, so steps
+            # that do not save cost nothing (stock ModelCheckpoint always defines one).
+            self.on_train_batch_end = types.MethodType(Callback.on_train_batch_end, self)
+
+    # -- attributes ---------------------------------------------------------------------------
+
+    @property
+    def best(self) -> float | None:
+        core = self.__dict__.get("_core")
+        return core.best if core is not None else self.__dict__.get("_baseline")
+
+    @best.setter
+    def best(self, value: float | None) -> None:
+        # Keras's base class assigns ``best`` (its baseline) before the engine exists.
+        if "_core" not in self.__dict__:
+            self.__dict__["_baseline"] = value
+
+    @property
+    def best_path(self) -> str | None:
+        return self._core.best_path
+
+    @property
+    def latest_path(self) -> str | None:
+        return self._core.latest_path
+
+    @property
+    def checkpoints(self) -> list[Record]:
+        return self._core.checkpoints
+
+    @property
+    def restored_path(self) -> str | None:
+        return self._core.restored_path
+
+    # -- training events ----------------------------------------------------------------------
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self._resume_pending:
+            self._core.resume = False
+        path = self._core.begin(infer_mode=self._infer_mode)
+        self._resume_pending = False
+        self.monitor_op = keras.ops.less if self._core.policy.mode == "min" else keras.ops.greater
+        if path is not None:
+            self._restore(path)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._current_epoch = epoch
+        self._core.on_epoch_begin(epoch)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._core.batch_due(batch):
+            self._save(self._current_epoch, batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self._core.epoch_due(epoch):
+            self._save(epoch, None, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        # Keras reads ``_initial_epoch`` in every fit(): left set, the next fit would skip epochs.
+        if self.model is not None:
+            self.model._initial_epoch = None
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def _save(self, epoch: int, batch: int | None, logs: dict | None) -> None:
+        self._core.step = self._iterations()
+        self._core.save(epoch, batch, logs, self._write)
+
+    def _iterations(self) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return self._core.step
+        return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+    def _write(self, tx: Transaction, path: str, state: dict) -> None:
+        state["keras"] = self._keras_state()
+        blob = json.dumps(state).encode("utf-8")
+        include_optimizer = self.save_optimizer
+        if path.endswith(".keras"):
+            _kerasio.write_keras(
+                self.model, tx.open(), state=blob, include_optimizer=include_optimizer
+            )
+        elif path.endswith(".weights.h5"):
+            _kerasio.write_weights_h5(
+                self.model, tx.temp_path(), state=blob, include_optimizer=include_optimizer
+            )
+        else:  # legacy .h5: Keras's own writer, then our state group beside its data
+            tmp = tx.temp_path()
+            self.model.save(tmp, overwrite=True, include_optimizer=include_optimizer)
+            with h5py.File(tmp, "a") as f:
+                f.create_dataset(_kerasio.STATE_MEMBER, data=np.frombuffer(blob, dtype=np.uint8))
+
+    def _keras_state(self) -> dict[str, Any]:
+        """What Keras's files leave out: SeedGenerator states and the backend's global RNG."""
+        seeds = {
+            v.path: [int(x) for x in keras.ops.convert_to_numpy(v).ravel()]
+            for v in self._seed_variables()
+        }
+        out: dict[str, Any] = {"backend": keras.backend.backend(), "seed_generators": seeds}
+        if keras.backend.backend() == "torch":
+            import torch
+
+            out["torch_rng"] = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+        return out
+
+    def _seed_variables(self) -> list:
+        from keras.src.backend.common import global_state
+        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+
+        found = [v for v in self.model.variables if v.name == _SEED_STATE]
+        gen = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+        if gen is not None:
+            found.append(gen.state)
+        return found
+
+    # -- restoring ----------------------------------------------------------------------------
+
+    def _restore(self, path: str) -> None:
+        if path.endswith(".h5") and not path.endswith(".weights.h5"):
+            self._load_legacy_h5(path)
+        else:
+            _kerasio.load_into(self.model, path)
+        blob = _kerasio.read_state(path)
+        state = json.loads(blob) if blob else None
+        if state is None:
+            warnings.warn(
+                f"{path} holds no keras_ckpt training state (a stock Keras file?): restored the "
+                "weights only; epochs, RNG and best-N bookkeeping start fresh.",
+                stacklevel=3,
+            )
+        else:
+            self._restore_keras_state(state.get("keras") or {})
+        self._core.restored(path, state)
+        if self._core.epochs_done:
+            self.model._initial_epoch = self._core.epochs_done
+        if state and state.get("batch") is not None:
+            warnings.warn(
+                f"{path} was saved in the middle of epoch {self._core.epochs_done + 1} (after "
+                f"batch {state['batch'] + 1}); Keras cannot skip batches, so that epoch restarts "
+                "at batch 0.",
+                stacklevel=3,
+            )
+        if self.verbose > 0:
+            io_utils.print_msg(
+                f"Restored {path}: continuing at epoch {self._core.epochs_done + 1} "
+                f"(step {self._core.step}, best {self.monitor}={self.best})"
+            )
+
+    def _load_legacy_h5(self, path: str) -> None:
+        """Legacy HDF5 files have their own layout; Keras's loader reads them, we copy the values."""
+        loaded = keras.models.load_model(path, compile=True)
+        pairs = list(zip(self.model.weights, loaded.weights))
+        optimizer, source = getattr(self.model, "optimizer", None), getattr(loaded, "optimizer", None)
+        if optimizer is not None and source is not None and source.built:
+            if not optimizer.built:
+                optimizer.build(self.model.trainable_variables)
+            pairs += list(zip(optimizer.variables, source.variables))
+        for target, value in pairs:
+            target.assign(keras.ops.convert_to_numpy(value))
+
+    def _restore_keras_state(self, state: dict[str, Any]) -> None:
+        seeds = state.get("seed_generators") or {}
+        for v in self._seed_variables():
+            if v.path in seeds:
+                v.assign(np.asarray(seeds[v.path], dtype=v.dtype).reshape(v.shape))
+        if state.get("torch_rng") and keras.backend.backend() == "torch":
+            import torch
+
+            raw = np.frombuffer(base64.b64decode(state["torch_rng"]), dtype=np.uint8).copy()
+            torch.set_rng_state(torch.from_numpy(raw))
+
+    def _infer_mode(self) -> str | None:
+        """``mode="auto"`` from the compiled metrics' direction, as Keras decides it."""
+        saved = self.mode
+        try:
+            self._set_monitor_op()
+        except ValueError:
+            return None
+        finally:
+            self.mode = saved
+        return "max" if self.monitor_op is keras.ops.greater else "min"

@@ -1,0 +1,505 @@
+"""PyTorch shim: ``ModelCheckpoint`` for a hand-written training loop, over ``torch.save``.
+
+The same arguments, lifecycle method names, attributes and ``checkpoints.json`` as the Keras
+callback; everything framework-neutral (validation, presets, scheduling, naming, best-N,
+retention) is :class:`keras_ckpt.checkpointer.Checkpointer`'s. This module only captures the
+torch objects into one ``torch.save`` payload and puts them back.
+
+A checkpoint file is a dict that ``torch.load(path, weights_only=True)`` reads (tensors and
+plain Python values only)::
+
+    {"model": ..., "optimizer": ..., "scheduler": ..., "extra": {name: ...},
+     "training_state": {"epoch", "step", "batch", "monitor", "rng": {"python", "numpy", "torch"}}}
+
+(``optimizer``/``scheduler``/``extra`` only where they were given.) Imports neither TensorFlow
+nor Keras.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from keras_ckpt.checkpointer import Checkpointer
+from keras_ckpt.engine import Transaction
+from keras_ckpt.manifest import Record
+from keras_ckpt.policy import UNSET
+
+__all__ = ["ModelCheckpoint"]
+
+_EXACT_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
+
+
+class ModelCheckpoint:
+    """Saves a PyTorch training loop's full state; keeps the latest N and the best N; resumes exactly.
+
+    The PyTorch counterpart of `keras_ckpt.ModelCheckpoint`: the same arguments (those that
+    make sense without Keras), the same lifecycle method names, attributes and manifest. Each
+    checkpoint holds the model, the optimizer (with its step counts), the scheduler, the `extra`
+    objects, the epoch, the global step, this checkpointer's best-N state and the RNG states
+    (Python `random`, numpy, torch CPU and each CUDA device). Files are written with torch's
+    own serializer and load with `torch.load(path, weights_only=True)`; restoring never runs
+    code from a file.
+
+    Example:
+
+    ```python
+    ckpt = ModelCheckpoint("runs/a/ckpt-{epoch:03d}.pt", monitor="val_accuracy", mode="max",
+                           max_to_keep=3, keep_best=2, resume=True,
+                           model=model, optimizer=opt, scheduler=sched)
+    start_epoch = ckpt.on_train_begin()         # restores if resuming; 0 on a fresh start
+    for epoch in range(start_epoch, epochs):
+        for batch, (x, y) in enumerate(loader):
+            if batch < ckpt.start_batch:        # only after resuming a mid-epoch checkpoint
+                continue
+            ...
+            ckpt.on_train_batch_end(batch, logs={"loss": loss.item()})
+        sched.step()                            # before the save, so it saves the stepped state
+        ckpt.on_epoch_end(epoch, logs={"val_accuracy": acc})
+    ckpt.on_train_end()
+    best = torch.load(ckpt.best_path, weights_only=True, map_location="cpu")["model"]
+    ```
+
+    A `DistributedDataParallel`, `DataParallel` or `torch.compile`d model is saved as its plain
+    module (no `module.`/`_orig_mod.` key prefixes) and restores into either form. Under
+    `torch.distributed`, only rank 0 writes; every rank restores.
+
+    Restoring loads onto the CPU and copies into the model wherever it lives, so a checkpoint
+    written from CUDA tensors restores on a CPU-only machine. Shapes and dtypes are checked
+    first, whatever `strict` says (`load_state_dict` would silently cast float64 into float32):
+    a mismatch raises a `ValueError` naming the key, and nothing is loaded.
+
+    The global step counts `on_train_batch_end` calls (one call per batch); a loop that never
+    calls it gets the step from the optimizer's state (Adam-style `step` entries). A mid-epoch
+    checkpoint (integer `save_freq`) sets `start_batch`; that resume is exact only if the
+    epoch's batch order does not depend on the global RNG at the time the epoch starts (seed
+    the sampler per epoch), since the restored RNG state is the one after the order was drawn.
+
+    Args:
+        filepath: where to save, a template ending in `.pt`: `{epoch}` (1-based), `{batch}`
+            and log keys, as Keras (`"runs/a/ckpt-{epoch:03d}-{val_loss:.3f}.pt"`).
+        model: the `torch.nn.Module` to save (wrapped or not).
+        optimizer: its optimizer, or None.
+        scheduler: a learning-rate scheduler (anything with `state_dict()`/`load_state_dict()`),
+            or None.
+        extra: further objects to save by name, each with `state_dict()`/`load_state_dict()`,
+            e.g. `{"scaler": torch.amp.GradScaler()}`.
+        monitor: the log key that ranks checkpoints (`save_best_only`, `keep_best`).
+        verbose: 0 silent, 1 a message per save, 2 also per deleted checkpoint.
+        save_best_only: save only when `monitor` improves on `best`.
+        mode: `"min"`, `"max"` or `"auto"` (from the monitor's name; an error in
+            `on_train_begin` if the name does not tell).
+        save_freq: `"epoch"`, or an integer: save every N batches (needs `on_train_batch_end`).
+        initial_value_threshold: a checkpoint counts as best only if it beats this value.
+        max_to_keep: keep the N most recent checkpoints (None: all). The newest is never deleted.
+        keep_best: also keep the N best by `monitor`/`mode`.
+        keep_every_n_epochs: never delete the checkpoint of every N-th epoch.
+        keep_every_n_hours: never delete one checkpoint per N hours of training.
+        save_every_n_seconds: also save when this many seconds passed since the last save.
+        resume: `True`: `on_train_begin` restores the newest checkpoint of `filepath`'s directory
+            that passes its checksum (starting fresh if there is none); a path: restore from that
+            file or directory and write new checkpoints to `filepath`.
+        preset: `"short"`, `"normal"` or `"long"`; fills in only the arguments not passed.
+        strict: whether model keys missing from or unexpected in a checkpoint, and objects
+            given here (`optimizer`, `scheduler`, `extra` entries) that it holds no state for,
+            are errors (True) or warnings (False). Shapes and dtypes are checked either way;
+            state of objects not given is skipped (to load only the weights, pass only `model`).
+    """
+
+    def __init__(
+        self,
+        filepath: str | os.PathLike,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        extra: Mapping[str, Any] | None = None,
+        monitor: str = "val_loss",
+        verbose: int = 0,
+        save_best_only: bool = False,
+        mode: str = "auto",
+        save_freq: str | int = "epoch",
+        initial_value_threshold: float | None = None,
+        max_to_keep: int | None = UNSET,
+        keep_best: int = UNSET,
+        keep_every_n_epochs: int | None = UNSET,
+        keep_every_n_hours: float | None = UNSET,
+        save_every_n_seconds: float | None = UNSET,
+        resume: bool | str | os.PathLike = False,
+        preset: str | None = None,
+        strict: bool = True,
+    ) -> None:
+        path = os.fspath(filepath)
+        if not isinstance(path, str) or not path.endswith(".pt"):
+            raise ValueError(
+                "The filepath provided must end in `.pt` (torch.save format). "
+                f"Received: filepath={path!r}"
+            )
+        _check_stateful("model", model)
+        if optimizer is not None:
+            _check_stateful("optimizer", optimizer)
+        if scheduler is not None:
+            _check_stateful("scheduler", scheduler)
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ValueError(
+                "extra must be a dict of objects with state_dict() and load_state_dict(). "
+                f"Received: extra={extra!r}"
+            )
+        for name, obj in (extra or {}).items():
+            _check_stateful(f"extra[{name!r}]", obj)
+        self._core = Checkpointer(
+            path,
+            framework="torch",
+            monitor=monitor,
+            verbose=verbose,
+            save_best_only=save_best_only,
+            save_freq=save_freq,
+            mode=mode,
+            initial_value_threshold=initial_value_threshold,
+            max_to_keep=max_to_keep,
+            keep_best=keep_best,
+            keep_every_n_epochs=keep_every_n_epochs,
+            keep_every_n_hours=keep_every_n_hours,
+            save_every_n_seconds=save_every_n_seconds,
+            resume=resume,
+            preset=preset,
+        )
+        self.filepath = path
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.extra = dict(extra or {})
+        self.strict = strict
+        self.start_batch = 0
+        self._batch_calls = 0  # on_train_batch_end calls in the running epoch
+        self._counts_batches = False
+
+    # -- attributes shared with the Keras callback --------------------------------------------
+
+    @property
+    def best(self) -> float | None:
+        """The best `monitor` value so far (this series, across restarts), or None."""
+        return self._core.best
+
+    @property
+    def best_path(self) -> str | None:
+        """The file of the best checkpoint that is still kept, or None."""
+        return self._core.best_path
+
+    @property
+    def latest_path(self) -> str | None:
+        """The newest committed checkpoint's file, or None."""
+        return self._core.latest_path
+
+    @property
+    def checkpoints(self) -> list[Record]:
+        """This series' manifest records, oldest first."""
+        return self._core.checkpoints
+
+    @property
+    def restored_path(self) -> str | None:
+        """The file `on_train_begin` restored from, or None."""
+        return self._core.restored_path
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def on_train_begin(self) -> int:
+        """Check the directory and `mode`; restore if resuming. Returns the epoch to start at."""
+        self._batch_calls = 0
+        self._counts_batches = False
+        self.start_batch = 0
+        path = self._core.begin()
+        if path is not None:
+            self.restore(path)
+        return self._core.epochs_done
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """Count one trained batch (the global step); save if an integer `save_freq` says so.
+
+        Args:
+            batch: the batch's index in the epoch (0-based; names `{batch}` files).
+            logs: the batch's metrics, e.g. `{"loss": loss.item()}`.
+        """
+        self._counts_batches = True
+        self._core.step += 1
+        if not self._core.needs_batch_events:
+            return
+        # One call is one batch whatever the user's indices (a resumed epoch starts at
+        # start_batch): the core counts calls, numbered from 0 in each epoch.
+        due = self._core.batch_due(self._batch_calls)
+        self._batch_calls += 1
+        if due:
+            self._save(self._core.epochs_done, batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        """Save if due (every epoch by default). Call it after `scheduler.step()`.
+
+        Args:
+            epoch: the epoch that just ended (0-based, the loop's `range` value).
+            logs: this epoch's metrics, e.g. `{"loss": 0.31, "val_accuracy": 0.94}`; numpy
+                and 0-d tensor values are fine.
+        """
+        self._batch_calls = 0
+        self.start_batch = 0
+        if not self._counts_batches:
+            steps = _optimizer_steps(self.optimizer)
+            if steps is not None:
+                self._core.step = steps
+        if self._core.epoch_due(epoch):
+            self._save(epoch, None, logs)
+
+    def on_train_end(self) -> None:
+        """End of training. Saves are synchronous, so every due checkpoint is committed already.
+
+        Present for the Keras lifecycle's sake: a loop written against it keeps working when
+        saving becomes asynchronous (planned), where this will wait for the last write.
+        """
+
+    # -- restoring ----------------------------------------------------------------------------
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Load a checkpoint file into the model, optimizer, scheduler and extras (and the RNGs).
+
+        `on_train_begin` calls this when resuming; call it directly to load a specific file.
+        Everything is checked before anything is loaded.
+        """
+        path = os.fspath(path)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, Mapping) or "model" not in payload:
+            raise ValueError(f"{path} is not a keras_ckpt.torch checkpoint (no 'model' entry)")
+        module = _plain_module(self.model)
+        current = module.state_dict()
+        self._check_keys(path, "model key", set(payload["model"]), set(current))
+        _check_tensors(path, payload["model"], current)
+        targets = self._objects()
+        saved = {"optimizer": payload.get("optimizer"), "scheduler": payload.get("scheduler")}
+        saved.update({f"extra[{k!r}]": v for k, v in (payload.get("extra") or {}).items()})
+        saved = {k: v for k, v in saved.items() if v is not None}
+        # State for objects not given (an optimizer, when only the weights are wanted) is skipped.
+        self._check_keys(path, "object", set(saved) & set(targets), set(targets))
+        if "optimizer" in saved and self.optimizer is not None:
+            _check_optimizer(path, saved["optimizer"], self.optimizer)
+
+        # Checked above, so strict=False here only keeps torch from refusing what we allowed.
+        module.load_state_dict(payload["model"], strict=False)
+        for name, obj in targets.items():
+            if name in saved:
+                obj.load_state_dict(saved[name])
+        state = payload.get("training_state") or {}
+        self._core.restored(path, state)
+        batch = state.get("batch")
+        # The state records the index of the last batch trained; the loop goes on after it.
+        self.start_batch = 0 if batch is None else int(batch) + 1
+        torch_rng = (state.get("rng") or {}).get("torch")
+        if torch_rng:
+            _restore_torch_rng(torch_rng, path)
+
+    def _check_keys(self, path: str, what: str, saved: set, wanted: set) -> None:
+        """Missing and unexpected entries: an error if ``strict``, else a warning."""
+        missing, unexpected = sorted(wanted - saved), sorted(saved - wanted)
+        if not missing and not unexpected:
+            return
+        parts = [f"{what}s missing from the checkpoint: {missing}"] if missing else []
+        if unexpected:
+            parts.append(f"{what}s in the checkpoint but not in the model: {unexpected}")
+        message = f"{path}: " + "; ".join(parts)
+        if self.strict:
+            raise ValueError(message + ". Pass strict=False to restore the rest.")
+        warnings.warn(message, stacklevel=4)
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def _objects(self) -> dict[str, Any]:
+        objects = {"optimizer": self.optimizer, "scheduler": self.scheduler}
+        objects.update({f"extra[{k!r}]": v for k, v in self.extra.items()})
+        return {k: v for k, v in objects.items() if v is not None}
+
+    def _save(self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None) -> None:
+        if _is_distributed_follower():
+            return
+        self._core.save(epoch, batch, logs, self._write)
+
+    def _write(self, tx: Transaction, path: str, state: dict) -> None:
+        state["rng"]["torch"] = _capture_torch_rng()
+        payload: dict[str, Any] = {"model": _plain_module(self.model).state_dict()}
+        if self.optimizer is not None:
+            payload["optimizer"] = self.optimizer.state_dict()
+        if self.scheduler is not None:
+            payload["scheduler"] = self.scheduler.state_dict()
+        if self.extra:
+            payload["extra"] = {k: v.state_dict() for k, v in self.extra.items()}
+        payload["training_state"] = state
+        _torch_save(_weights_only_safe(payload, "checkpoint"), tx.open())
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _check_stateful(name: str, obj: Any) -> None:
+    if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+        raise ValueError(
+            f"{name} must have state_dict() and load_state_dict() methods. Received: {name}={obj!r}"
+        )
+
+
+def _plain_module(model: Any) -> Any:
+    """The module under DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_distributed_follower() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def _optimizer_steps(optimizer: Any) -> int | None:
+    """The largest per-parameter ``step`` in the optimizer's state (Adam & co.), else None."""
+    state = getattr(optimizer, "state", None) or {}
+    steps = [s["step"] for s in state.values() if isinstance(s, Mapping) and "step" in s]
+    return int(max(float(s) for s in steps)) if steps else None
+
+
+def _weights_only_safe(value: Any, where: str) -> Any:
+    """``value`` with numpy scalars as Python numbers and numpy arrays as tensors.
+
+    ``torch.load(weights_only=True)`` refuses numpy objects (an ``np.float64`` from scikit-learn
+    is a ``float`` subclass but pickles as numpy's). Anything else it would refuse raises a
+    TypeError naming where it is, before a file is written. Containers are copied only when
+    something inside changed, so a ``state_dict``'s ``_metadata`` survives.
+    """
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise _refused(value, where)
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, torch.Tensor) or type(value) in _EXACT_LEAVES or type(value) is torch.Size:
+        return value
+    if type(value) in (dict, OrderedDict):
+        items = [
+            (_weights_only_safe(k, where), _weights_only_safe(v, f"{where}[{k!r}]"))
+            for k, v in value.items()
+        ]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items())):
+            return value
+        out = type(value)(items)
+        if isinstance(value, OrderedDict):  # where state_dict() keeps its _metadata
+            out.__dict__.update(vars(value))
+        return out
+    if type(value) in (list, tuple, set):
+        items = [_weights_only_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if all(v is v0 for v, v0 in zip(items, value)):
+            return value
+        return type(value)(items)
+    raise _refused(value, where)
+
+
+def _refused(value: Any, where: str) -> TypeError:
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    return TypeError(
+        f"{where} is a {kind}, which torch.load(weights_only=True) refuses. state_dict() values "
+        "must be tensors, numbers, strings, or lists/tuples/dicts of them."
+    )
+
+
+def _torch_save(obj: Any, f: IO[bytes]) -> None:
+    """``torch.save(obj, f)``, minus the CRC-32 that torch's zip writer computes per record.
+
+    That CRC takes about a third of the save time, and the engine already checksums the whole
+    file (xxh3-128, in the manifest). torch's own switch for it is process-global
+    (``torch.serialization.set_crc32_options``), so the writer is built here with its per-writer
+    argument instead. ``torch.load`` does not check the CRC, so these files load like any
+    others (strict zip tools, e.g. Python's ``zipfile``, would report a CRC mismatch). Where
+    torch lacks that argument or ``_save``, this is plain ``torch.save``.
+    """
+    serialization = torch.serialization
+    save = getattr(serialization, "_save", None)
+    options: dict[str, Any] = {"compute_crc32": False}
+    alignment = getattr(serialization, "_get_storage_alignment", None)
+    if alignment is not None:
+        options["storage_alignment"] = alignment()
+    try:
+        writer = torch._C.PyTorchFileWriter(f, **options)
+    except TypeError:
+        writer = None
+    if save is None or writer is None:
+        torch.save(obj, f)
+        return
+    save(obj, writer, pickle, serialization.DEFAULT_PROTOCOL, False)
+    writer.write_end_of_file()
+    f.flush()
+
+
+def _check_tensors(path: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    problems = []
+    for key, value in saved.items():
+        have = current.get(key)
+        if not isinstance(value, torch.Tensor) or not isinstance(have, torch.Tensor):
+            continue
+        if value.shape != have.shape:
+            problems.append(
+                f"{key!r}: shape {tuple(value.shape)} in the checkpoint, "
+                f"{tuple(have.shape)} in the model"
+            )
+        elif value.dtype != have.dtype:
+            problems.append(f"{key!r}: dtype {value.dtype} in the checkpoint, {have.dtype} in the model")
+    if problems:
+        raise ValueError(f"cannot restore {path} into this model: " + "; ".join(problems))
+
+
+def _check_optimizer(path: str, saved: Mapping[str, Any], optimizer: Any) -> None:
+    """The parameter-group layout ``Optimizer.load_state_dict`` requires, checked up front."""
+    groups = getattr(optimizer, "param_groups", None)
+    saved_groups = saved.get("param_groups") if isinstance(saved, Mapping) else None
+    if groups is None or saved_groups is None:
+        return
+    have = [len(g["params"]) for g in groups]
+    want = [len(g["params"]) for g in saved_groups]
+    if have != want:
+        raise ValueError(
+            f"cannot restore {path}: the optimizer's parameter groups hold {have} parameters, "
+            f"the checkpoint's {want}"
+        )
+
+
+def _capture_torch_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    # An uninitialised CUDA has drawn nothing; reading its generators would create a context
+    # on every device.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_torch_rng(state: Mapping[str, Any], path: str) -> None:
+    torch.set_rng_state(state["cpu"])
+    saved = list(state.get("cuda") or ())
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, device_state in enumerate(saved[:present]):
+        torch.cuda.set_rng_state(device_state, index)
+    if len(saved) > present:
+        warnings.warn(
+            f"{path} holds the RNG state of {len(saved)} CUDA device(s), this process sees "
+            f"{present}: devices {list(range(present, len(saved)))} are not restored.",
+            stacklevel=4,
+        )
+    elif present > len(saved) and torch.cuda.is_initialized():
+        warnings.warn(
+            f"{path} holds no RNG state for CUDA device(s) {list(range(len(saved), present))} "
+            "(not in use when it was saved): their generators are left as they are.",
+            stacklevel=4,
+        )

@@ -1,0 +1,210 @@
+"""Manifest, atomic storage and the engine's commit/prune/restore order, on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from keras_ckpt import manifest as mf
+from keras_ckpt.engine import Engine, locate, verify
+from keras_ckpt.policy import RetentionPolicy
+
+
+def make_engine(directory, template="ck-{epoch:03d}.bin", **policy):
+    policy.setdefault("monitor", "val_loss")
+    e = Engine(os.path.join(directory, template), framework="test", policy=RetentionPolicy(**policy))
+    e.open()
+    return e
+
+
+def save(engine, epoch, value, payload=b"x" * 1000, template=None):
+    path = os.path.join(engine.directory, (template or engine.series).format(epoch=epoch))
+    with engine.transaction(path, epoch=epoch, step=epoch * 10, metrics={"val_loss": value}) as tx:
+        with tx.open() as f:
+            f.write(payload)
+    return tx
+
+
+def test_manifest_schema_and_files(tmp_path):
+    e = make_engine(tmp_path, max_to_keep=2, keep_best=1)
+    for epoch, v in enumerate([0.5, 0.2, 0.4, 0.3], start=1):
+        save(e, epoch, v)
+    data = json.loads((tmp_path / "checkpoints.json").read_text())
+    assert data["format"] == 1 and data["writer"].startswith("keras_ckpt ")
+    series = data["series"]["ck-{epoch:03d}.bin"]
+    assert series["best"] == 0.2 and series["best_name"] == "ck-002" and series["mode"] == "min"
+    names = [c["name"] for c in data["checkpoints"]]
+    assert names == ["ck-002", "ck-003", "ck-004"]
+    first = data["checkpoints"][0]
+    assert first["kept"] == ["best"] and first["epoch"] == 2 and first["step"] == 20
+    assert first["files"][0]["path"] == "ck-002.bin" and first["files"][0]["bytes"] == 1000
+    assert len(first["files"][0]["xxh3_128"]) == 32
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "checkpoints.json", "ck-002.bin", "ck-003.bin", "ck-004.bin"]
+
+
+def test_two_series_share_a_directory(tmp_path):
+    a = make_engine(tmp_path, "a-{epoch}.bin", max_to_keep=1)
+    b = make_engine(tmp_path, "b-{epoch}.bin", max_to_keep=2, monitor=None)
+    for epoch in range(1, 5):
+        save(a, epoch, 1.0 / epoch)
+        save(b, epoch, 1.0)
+    files = sorted(p.name for p in tmp_path.glob("*.bin"))
+    assert files == ["a-4.bin", "b-3.bin", "b-4.bin"]
+    m = mf.load(str(tmp_path))
+    assert set(m.series) == {"a-{epoch}.bin", "b-{epoch}.bin"}
+
+
+def test_foreign_files_are_never_deleted(tmp_path):
+    (tmp_path / "ck-001.bin").write_bytes(b"stock keras file")
+    e = make_engine(tmp_path, max_to_keep=1, monitor=None)
+    for epoch in range(2, 5):
+        save(e, epoch, 0.0)
+    assert (tmp_path / "ck-001.bin").read_bytes() == b"stock keras file"
+
+
+def test_foreign_directory_detected(tmp_path):
+    (tmp_path / "model.keras").write_bytes(b"...")
+    assert Engine(str(tmp_path / "c-{epoch}.keras"), framework="t",
+                  policy=RetentionPolicy()).has_foreign_checkpoints()
+
+
+def test_corrupt_newest_is_skipped_with_a_warning(tmp_path):
+    e = make_engine(tmp_path, max_to_keep=3)
+    for epoch in range(1, 4):
+        save(e, epoch, 0.1, payload=os.urandom(4096))
+    with open(tmp_path / "ck-003.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\0\0\0\0")
+    (tmp_path / "ck-002.bin").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="ck-003") as rec:
+        good = e.latest_valid()
+    assert good.name == "ck-001"
+    assert any("ck-002" in str(w.message) for w in rec)
+
+
+def test_newer_format_is_refused_and_unknown_keys_tolerated(tmp_path):
+    e = make_engine(tmp_path)
+    save(e, 1, 0.3)
+    data = json.loads((tmp_path / "checkpoints.json").read_text())
+    data["future_key"] = {"x": 1}
+    data["checkpoints"][0]["future_field"] = 3
+    (tmp_path / "checkpoints.json").write_text(json.dumps(data))
+    assert [r.name for r in mf.load(str(tmp_path)).checkpoints] == ["ck-001"]
+    save(make_engine(tmp_path), 2, 0.2)
+    assert json.loads((tmp_path / "checkpoints.json").read_text())["future_key"] == {"x": 1}
+    data["format"] = 99
+    (tmp_path / "checkpoints.json").write_text(json.dumps(data))
+    with pytest.raises(mf.ManifestError, match="format 99, newer"):
+        mf.load(str(tmp_path))
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    e = make_engine(tmp_path)
+    save(e, 1, 0.3)
+    with pytest.raises(RuntimeError, match="boom"):
+        with e.transaction(str(tmp_path / "ck-002.bin"), epoch=2, step=0) as tx:
+            with tx.open() as f:
+                f.write(b"partial")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "checkpoints.json", "ck-001.bin"]
+    assert [r.name for r in e.records] == ["ck-001"]
+
+
+def test_replacing_a_single_file_and_best_survives_reload(tmp_path):
+    e = make_engine(tmp_path, "best.bin", monitor="val_loss")
+    save(e, 1, 0.5, payload=b"one")
+    save(e, 2, 0.3, payload=b"two")
+    assert (tmp_path / "best.bin").read_bytes() == b"two"
+    assert [r.epoch for r in e.records] == [2]
+    e2 = make_engine(tmp_path, "best.bin")
+    assert e2.best == 0.3 and e2.best_path == str(tmp_path / "best.bin")
+
+
+def test_report_attaches_metrics_and_reapplies_retention(tmp_path):
+    e = make_engine(tmp_path, max_to_keep=1, keep_best=1, monitor="acc", mode="max")
+    for epoch in range(1, 4):
+        with e.transaction(str(tmp_path / f"ck-{epoch:03d}.bin"), epoch=epoch, step=epoch,
+                           pending=True) as tx:
+            with tx.open() as f:
+                f.write(b"x")
+    assert len(e.records) == 3  # all pending: protected
+    e.report("ck-001", {"acc": 0.9})
+    e.report("ck-002", {"acc": 0.5})
+    e.report("ck-003", {"acc": 0.6})
+    assert [r.name for r in e.records] == ["ck-001", "ck-003"]
+    assert e.best == 0.9
+
+
+def test_locate_reads_another_directory_without_writing(tmp_path):
+    src = tmp_path / "src"
+    e = make_engine(src, max_to_keep=2)
+    for epoch in range(1, 4):
+        save(e, epoch, 0.1)
+    before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    os.chmod(src, 0o555)
+    try:
+        path, record = locate(str(src))
+        assert os.path.basename(path) == "ck-003.bin" and record.epoch == 3
+        path, record = locate(str(src / "ck-002.bin"))
+        assert record.name == "ck-002" and verify(str(src), record) is None
+    finally:
+        os.chmod(src, 0o755)
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
+
+
+CRASH_WRITER = r"""
+import os, sys
+from keras_ckpt.engine import Engine
+from keras_ckpt.policy import RetentionPolicy
+d = sys.argv[1]
+e = Engine(os.path.join(d, "ck-{epoch:05d}.bin"), framework="t",
+           policy=RetentionPolicy(max_to_keep=2, keep_best=1, monitor="m"))
+e.open()
+epoch = len(e.records) and e.records[-1].epoch
+while True:
+    epoch += 1
+    payload = bytes([epoch % 251]) * (3 << 20)
+    with e.transaction(os.path.join(d, f"ck-{epoch:05d}.bin"), epoch=epoch, step=epoch,
+                       metrics={"m": (epoch * 7919) % 13}) as tx:
+        with tx.open() as f:
+            for i in range(0, len(payload), 1 << 20):
+                f.write(payload[i:i + (1 << 20)])
+    print(epoch, flush=True)
+"""
+
+
+def test_sigkill_at_random_instants_never_breaks_committed_state(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(CRASH_WRITER)
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    import random
+
+    rnd = random.Random(1234)
+    last_epoch = 0
+    for _ in range(8):
+        p = subprocess.Popen([sys.executable, str(script), str(d)], stdout=subprocess.PIPE)
+        time.sleep(0.4 + rnd.random() * 0.6)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        m = mf.load(str(d))
+        assert m.checkpoints, "at least one checkpoint committed"
+        for r in m.checkpoints:
+            assert verify(str(d), r) is None, r.name
+            assert (d / r.path).read_bytes()[:1] == bytes([r.epoch % 251])
+        newest = m.checkpoints[-1].epoch
+        assert newest >= last_epoch
+        last_epoch = newest
+        kept = [r.name for r in m.checkpoints]
+        assert len(kept) <= 3  # latest 2 + best 1; a save in flight is never listed
+    listed = {f.path for r in mf.load(str(d)).checkpoints for f in r.files}
+    on_disk = {p.name for p in d.glob("ck-*.bin")}
+    assert listed <= on_disk

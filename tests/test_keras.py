@@ -1,0 +1,358 @@
+"""The Keras 3 front-end: drop-in behaviour, retention, full state, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import keras_ckpt  # noqa: E402
+from keras_ckpt import manifest as mf  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_model():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+    return model
+
+
+def data(n=32):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 4)).astype("float32")
+    return x, x.sum(axis=1, keepdims=True)
+
+
+class Script(keras.callbacks.Callback):
+    """Puts a scripted metric into the epoch logs (it runs before the checkpoint callback)."""
+
+    def __init__(self, values, key="score"):
+        super().__init__()
+        self.values, self.key = values, key
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs[self.key] = self.values[epoch]
+
+
+def fit(model, callbacks, epochs, **kw):
+    x, y = data()
+    return model.fit(x, y, batch_size=8, epochs=epochs, callbacks=callbacks, verbose=0, **kw)
+
+
+def names(directory, pattern="*.keras"):
+    import glob
+
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, pattern)))
+
+
+def run_job(*args, backend="tensorflow"):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "keras_job.py"), *map(str, args)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- exact resume -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "backend, template",
+    [("tensorflow", "ckpt-{epoch:02d}.keras"), ("torch", "ckpt-{epoch:02d}.keras"),
+     ("tensorflow", "ckpt-{epoch:02d}.weights.h5")],
+)
+def test_exact_resume_in_a_new_process(tmp_path, backend, template):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    straight = run_job(tmp_path / "a", 4, "--template", template, "--dump", tmp_path / "a.npz",
+                       backend=backend)
+    first = run_job(tmp_path / "b", 2, "--template", template, backend=backend)
+    second = run_job(tmp_path / "b", 4, "--resume", "--template", template, "--dump",
+                     tmp_path / "b.npz", "--extra-fit", backend=backend)
+    assert straight["epochs"] == [0, 1, 2, 3] and first["epochs"] == [0, 1]
+    assert second["epochs"] == [2, 3], "the resumed process trains exactly the 2 missing epochs"
+    assert second["restored"].endswith(template.format(epoch=2))
+    assert second["extra_epochs"] == [0], "a following fit() in the same process is not skipped"
+    assert second["iterations"] == straight["iterations"] == 20  # 5 batches x 4 epochs
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert set(a.files) == set(b.files) and any(k.startswith("o") for k in a.files)
+    for key in a.files:  # weights, optimizer slots and iteration count, bit for bit
+        assert a[key].tobytes() == b[key].tobytes(), key
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+
+def test_retention_keeps_exactly_latest_and_best(tmp_path):
+    scores = [0.5, 0.9, 0.3, 0.8, 0.2, 0.4, 0.85, 0.1, 0.6, 0.7]
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "ck-{epoch:02d}.keras"), monitor="score",
+                                      mode="max", max_to_keep=3, keep_best=2)
+    fit(tiny_model(), [Script(scores), ckpt], 10)
+    assert names(tmp_path) == ["ck-02.keras", "ck-07.keras", "ck-08.keras", "ck-09.keras",
+                               "ck-10.keras"]
+    assert ckpt.best == 0.9 and ckpt.best_path == str(tmp_path / "ck-02.keras")
+    assert ckpt.latest_path == str(tmp_path / "ck-10.keras")
+    assert [r.name for r in ckpt.checkpoints] == ["ck-02", "ck-07", "ck-08", "ck-09", "ck-10"]
+    assert ckpt.checkpoints[0].kept == ("best",) and ckpt.checkpoints[-1].kept == ("latest",)
+    for name in names(tmp_path):
+        m = keras.models.load_model(tmp_path / name)
+        assert int(m.optimizer.iterations.numpy()) == 4 * int(name[3:5])
+
+
+def test_two_callbacks_sharing_a_directory_keep_their_own(tmp_path):
+    scores = [0.5, 0.2, 0.4, 0.1, 0.3, 0.6]
+    best = keras_ckpt.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="score", mode="min",
+                                      save_best_only=True)
+    last = keras_ckpt.ModelCheckpoint(str(tmp_path / "last-{epoch}.keras"), max_to_keep=2,
+                                      monitor="score", mode="min")
+    fit(tiny_model(), [Script(scores), best, last], 6)
+    assert names(tmp_path) == ["best.keras", "last-4.keras", "last-5.keras", "last-6.keras"]
+    assert best.best == 0.1 and [r.epoch for r in best.checkpoints] == [4]
+    m = mf.load(str(tmp_path))
+    assert set(m.series) == {"best.keras", "last-{epoch}.keras"}
+
+
+def test_best_survives_a_restart(tmp_path):
+    template = str(tmp_path / "ck-{epoch:02d}.keras")
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="score", mode="max", max_to_keep=1,
+                                      keep_best=1)
+    fit(tiny_model(), [Script([0.3, 0.9, 0.5]), ckpt], 3)
+    best_bytes = (tmp_path / "ck-02.keras").read_bytes()
+    resumed = keras_ckpt.ModelCheckpoint(template, monitor="score", mode="max", max_to_keep=1,
+                                         keep_best=1, resume=True)
+    hist = fit(tiny_model(), [Script([0, 0, 0, 0.8, 0.7, 0.6]), resumed], 6)
+    assert hist.epoch == [3, 4, 5]
+    assert resumed.best == 0.9 and resumed.best_path == str(tmp_path / "ck-02.keras")
+    assert names(tmp_path) == ["ck-02.keras", "ck-06.keras"]
+    assert (tmp_path / "ck-02.keras").read_bytes() == best_bytes
+
+
+def test_save_best_only_after_restart_does_not_overwrite_a_better_best(tmp_path):
+    path = str(tmp_path / "best.keras")
+    a = keras_ckpt.ModelCheckpoint(path, monitor="score", mode="max", save_best_only=True)
+    fit(tiny_model(), [Script([0.4, 0.9]), a], 2)
+    before = (tmp_path / "best.keras").read_bytes()
+    b = keras_ckpt.ModelCheckpoint(path, monitor="score", mode="max", save_best_only=True,
+                                   resume=True)
+    fit(tiny_model(), [Script([0, 0, 0.5, 0.6]), b], 4)
+    assert (tmp_path / "best.keras").read_bytes() == before and b.best == 0.9
+
+
+def test_resume_from_a_read_only_copy_writes_elsewhere_and_carries_best(tmp_path):
+    src = tmp_path / "old"
+    a = keras_ckpt.ModelCheckpoint(str(src / "ck-{epoch}.keras"), monitor="score", mode="max")
+    fit(tiny_model(), [Script([0.2, 0.7, 0.4]), a], 3)
+    snapshot = {p.name: p.read_bytes() for p in src.iterdir()}
+    os.chmod(src, 0o555)
+    try:
+        b = keras_ckpt.ModelCheckpoint(str(tmp_path / "new" / "ck-{epoch}.keras"), monitor="score",
+                                       mode="max", save_best_only=True, resume=str(src))
+        hist = fit(tiny_model(), [Script([0, 0, 0, 0.5, 0.8]), b], 5)
+    finally:
+        os.chmod(src, 0o755)
+    assert hist.epoch == [3, 4] and b.restored_path == str(src / "ck-3.keras")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == snapshot
+    assert names(tmp_path / "new") == ["ck-5.keras"] and b.best == 0.8
+
+
+def test_corrupt_newest_is_skipped_on_resume(tmp_path):
+    template = str(tmp_path / "ck-{epoch}.keras")
+    fit(tiny_model(), [keras_ckpt.ModelCheckpoint(template)], 3)
+    with open(tmp_path / "ck-3.keras", "r+b") as f:
+        f.seek(200)
+        f.write(b"garbage")
+    ckpt = keras_ckpt.ModelCheckpoint(template, resume=True)
+    with pytest.warns(UserWarning, match="ck-3"):
+        hist = fit(tiny_model(), [ckpt], 4)
+    assert ckpt.restored_path == str(tmp_path / "ck-2.keras") and hist.epoch == [2, 3]
+
+
+def test_resume_in_a_stock_keras_directory_warns_and_starts_fresh(tmp_path):
+    model = tiny_model()
+    fit(model, [keras.callbacks.ModelCheckpoint(str(tmp_path / "stock-{epoch}.keras"))], 2)
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "ck-{epoch}.keras"), max_to_keep=1,
+                                      resume=True)
+    with pytest.warns(UserWarning, match="no checkpoints.json"):
+        hist = fit(tiny_model(), [ckpt], 3)
+    assert hist.epoch == [0, 1, 2] and ckpt.restored_path is None
+    assert names(tmp_path) == ["ck-3.keras", "stock-1.keras", "stock-2.keras"]  # theirs untouched
+
+
+def test_mid_epoch_checkpoint_restarts_that_epoch_with_a_warning(tmp_path):
+    template = str(tmp_path / "ck-{epoch}-{batch}.keras")
+    fit(tiny_model(), [keras_ckpt.ModelCheckpoint(template, save_freq=3)], 2)
+    # 4 batches per epoch: saves after batches 3 (epoch 1), 2 (epoch 2, 6 total); newest: ck-2-2
+    ckpt = keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)
+    with pytest.warns(UserWarning, match="restarts at batch 0"):
+        hist = fit(tiny_model(), [ckpt], 3)
+    assert ckpt.restored_path == str(tmp_path / "ck-2-2.keras") and hist.epoch == [1, 2]
+
+
+# -- drop-in behaviour ------------------------------------------------------------------------
+
+
+def test_dropin_templates_weights_only_and_batch_freq(tmp_path):
+    model = tiny_model()
+    w = keras_ckpt.ModelCheckpoint(str(tmp_path / "w-{epoch:02d}-{loss:.3f}.weights.h5"),
+                                   save_weights_only=True, monitor="loss")
+    b = keras_ckpt.ModelCheckpoint(str(tmp_path / "b-{epoch}-{batch}.keras"), save_freq=2)
+    fit(model, [w, b], 2)
+    files = names(tmp_path, "w-*.weights.h5")
+    assert [f[:5] for f in files] == ["w-01-", "w-02-"]
+    assert names(tmp_path, "b-*") == ["b-1-2.keras", "b-1-4.keras", "b-2-2.keras", "b-2-4.keras"]
+    other = tiny_model()
+    other.optimizer.build(other.trainable_variables)
+    other.load_weights(tmp_path / files[-1])
+    for x, y in zip(other.weights + other.optimizer.variables, model.weights + model.optimizer.variables):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_dropin_save_best_only_and_initial_value_threshold(tmp_path):
+    path = tmp_path / "best.keras"
+    ckpt = keras_ckpt.ModelCheckpoint(str(path), monitor="score", mode="min", save_best_only=True,
+                                      initial_value_threshold=0.35)
+    saved = []
+
+    class Watch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            saved.append(path.exists() and path.stat().st_mtime_ns)
+
+    fit(tiny_model(), [Script([0.5, 0.4, 0.3, 0.6, 0.2]), ckpt, Watch()], 5)
+    assert saved[:2] == [False, False] and saved[2] and saved[3] == saved[2] and saved[4] != saved[3]
+    assert ckpt.best == 0.2
+
+
+def test_dropin_unknown_mode_warns_like_keras(tmp_path):
+    with pytest.warns(UserWarning, match="ModelCheckpoint mode 'upward' is unknown, fallback to auto"):
+        keras_ckpt.ModelCheckpoint(str(tmp_path / "m.keras"), mode="upward")
+
+
+def test_dropin_missing_monitor_warns_like_keras(tmp_path):
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "m.keras"), monitor="val_loss",
+                                      save_best_only=True)
+    with pytest.warns(UserWarning, match="Can save best model only with val_loss available"):
+        fit(tiny_model(), [ckpt], 1)
+    assert (tmp_path / "m.keras").exists()  # Keras saves anyway
+
+
+def test_keras_file_opens_with_load_model_including_optimizer(tmp_path):
+    model = tiny_model()
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "m.keras"))
+    fit(model, [ckpt], 2)
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert int(loaded.optimizer.iterations.numpy()) == 8
+    for x, y in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+def test_epoch_only_checkpoint_lets_keras_dispatch_batches_async(tmp_path):
+    from keras.src.callbacks.callback_list import CallbackList
+
+    epochly = keras_ckpt.ModelCheckpoint(str(tmp_path / "a.keras"))
+    batchly = keras_ckpt.ModelCheckpoint(str(tmp_path / "b.keras"), save_freq=5)
+    assert CallbackList([epochly])._async_train == CallbackList([])._async_train
+    assert CallbackList([batchly])._async_train is False
+
+
+def test_presets_fill_in_only_missing_arguments(tmp_path):
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}.keras"), preset="short")
+    fit(tiny_model(), [Script([0.5, 0.1, 0.4, 0.3], key="val_loss"), ckpt], 4)
+    assert names(tmp_path) == ["c-2.keras", "c-4.keras"]
+    assert ckpt.checkpoints[0].kept == ("best",)
+    keep_all = keras_ckpt.ModelCheckpoint(str(tmp_path / "d-{epoch}.keras"), preset="normal",
+                                          max_to_keep=None)
+    assert keep_all._core.policy.max_to_keep is None and keep_all._core.policy.keep_best == 1
+
+
+# -- bad input fails before training -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_to_keep": -1}, r"max_to_keep.*Received: max_to_keep=-1"),
+        ({"keep_best": -3}, r"Received: keep_best=-3"),
+        ({"keep_every_n_epochs": 0}, r"Received: keep_every_n_epochs=0"),
+        ({"save_every_n_seconds": -5}, r"Received: save_every_n_seconds=-5"),
+        ({"preset": "forever"}, r"Received: preset='forever'"),
+        ({"save_freq": 0}, r"Received: save_freq=0"),
+        ({"resume": 3}, r"Received: resume=3"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}.keras"), **kwargs)
+
+
+def test_bad_filepaths_raise_value_error_naming_filepath(tmp_path):
+    with pytest.raises(ValueError, match=r"filepath=.*m\.keras"):
+        keras_ckpt.ModelCheckpoint(str(tmp_path / "m.keras"), save_weights_only=True)
+    with pytest.raises(ValueError, match=r"filepath=.*m\.weights\.h5"):
+        keras_ckpt.ModelCheckpoint(str(tmp_path / "m.weights.h5"))
+    with pytest.raises(ValueError, match=r"no \{epoch\} or \{batch\}.*filepath=.*m\.keras"):
+        keras_ckpt.ModelCheckpoint(str(tmp_path / "m.keras"), max_to_keep=3)
+    with pytest.raises(ValueError, match=r"filepath=.*m\.keras"):
+        keras_ckpt.ModelCheckpoint(str(tmp_path / "m.keras"), keep_best=1)
+
+
+class Epochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.append(epoch)
+
+
+def test_uncreatable_directory_fails_at_train_begin(tmp_path):
+    (tmp_path / "file").write_text("a regular file")
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "file" / "sub" / "c-{epoch}.keras"))
+    seen = Epochs()
+    with pytest.raises(ValueError, match=r"cannot be created.*Received: filepath="):
+        fit(tiny_model(), [ckpt, seen], 2)
+    assert seen.seen == []
+
+
+def test_auto_mode_that_cannot_be_inferred_fails_at_train_begin(tmp_path):
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}.keras"), monitor="val_custom",
+                                      keep_best=1)
+    seen = Epochs()
+    with pytest.raises(ValueError, match=r"mode='auto'.*val_custom"):
+        fit(tiny_model(), [ckpt, seen], 2)
+    assert seen.seen == []
+    # A compiled metric's own direction is used, as Keras does.
+    ok = keras_ckpt.ModelCheckpoint(str(tmp_path / "d-{epoch}.keras"), monitor="val_mae",
+                                    keep_best=1)
+    fit(tiny_model(), [ok], 1, validation_split=0.25)
+    assert ok._core.policy.mode == "min"
+
+
+def test_import_pulls_in_no_framework():
+    code = ("import sys, keras_ckpt; from keras_ckpt import policy, manifest, engine, storage, "
+            "checkpointer; bad = [m for m in ('tensorflow', 'keras', 'torch') if m in sys.modules];"
+            " print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_restore_rebuilds_optimizer_so_users_never_meet_the_keras_trap(tmp_path):
+    model = tiny_model()
+    fit(model, [keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}.weights.h5"),
+                                           save_weights_only=True)], 2)
+    fresh = tiny_model()  # compiled, optimizer not built
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}.weights.h5"),
+                                      save_weights_only=True, resume=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(fresh, [ckpt], 2)
+    assert not [w for w in caught if "optimizer" in str(w.message).lower()]
+    assert int(fresh.optimizer.iterations.numpy()) == 8

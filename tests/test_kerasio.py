@@ -1,0 +1,344 @@
+"""keras_ckpt._kerasio: the fast .keras / .weights.h5 writers, the embedded state, loading.
+
+The Keras tests run in this process's backend; ``test_other_backend`` reruns this file under the
+other backend in a subprocess, since Keras picks its backend once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+if int(keras.__version__.split(".")[0]) < 3:
+    pytest.skip("keras_ckpt._kerasio needs Keras 3", allow_module_level=True)
+h5py = pytest.importorskip("h5py")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from keras_ckpt import _kerasio  # noqa: E402
+
+BACKENDS = ("tensorflow", "torch")
+INNER = "KERAS_CKPT_KERASIO_INNER"  # set in the subprocess so it does not recurse
+KINDS = ("nested_sequential", "functional_dropout")
+BIG_STATE = json.dumps({"epoch": 3, "rng": "x" * 100_000}).encode()  # over the planning threshold
+
+
+# --- CRC --------------------------------------------------------------------------------------
+
+
+@given(st.binary(max_size=4096), st.binary(max_size=4096))
+def test_crc32_combine_of_two_parts_is_crc_of_whole(a: bytes, b: bytes) -> None:
+    assert _kerasio.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+
+
+@settings(max_examples=50)
+@given(st.lists(st.binary(max_size=300), max_size=8), st.integers(1, 4))
+def test_split_runs_checksum_like_the_stream(chunks: list[bytes], parts: int) -> None:
+    runs = _kerasio._split([memoryview(c) for c in chunks], parts)
+    assert 1 <= len(runs) <= parts
+    assert b"".join(bytes(s) for run in runs for s in run) == b"".join(chunks)
+    crc = 0
+    for run in runs:
+        crc = _kerasio.crc32_combine(crc, _kerasio._crc_of(run), sum(len(s) for s in run))
+    assert crc == zlib.crc32(b"".join(chunks))
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def make_model(kind: str) -> keras.Model:
+    """A compiled model with one kernel over the planning threshold (160 x 128 float32)."""
+    if kind == "nested_sequential":
+        inner = keras.Sequential([keras.layers.Dense(128, activation="relu"), keras.layers.Dense(16)])
+        model = keras.Sequential([keras.Input((160,)), inner, keras.layers.Dense(4)])
+    else:
+        inputs = keras.Input((160,))
+        x = keras.layers.Dense(128, activation="relu")(inputs)
+        x = keras.layers.Dropout(0.5)(x)
+        model = keras.Model(inputs, keras.layers.Dense(4)(x))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def trained(kind: str) -> keras.Model:
+    """Three Adam steps (random gradients, eager: no tracing), so moments and count are set.
+
+    Cached: the tests only read it.
+    """
+    model = make_model(kind)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in model.trainable_variables]
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return model
+
+
+def values(variables: list) -> list[np.ndarray]:
+    return [keras.ops.convert_to_numpy(v) for v in variables]
+
+
+def assert_same_state(expected: keras.Model, actual: keras.Model, optimizer: bool = True) -> None:
+    pairs = list(zip(values(expected.weights), values(actual.weights)))
+    if optimizer:
+        assert int(keras.ops.convert_to_numpy(actual.optimizer.iterations)) == 3
+        pairs += zip(values(expected.optimizer.variables), values(actual.optimizer.variables))
+        assert len(actual.optimizer.variables) == len(expected.optimizer.variables)
+    for want, got in pairs:
+        assert want.dtype == got.dtype and want.shape == got.shape
+        assert want.tobytes() == got.tobytes()
+
+
+def h5_tree(path: str) -> dict[str, tuple]:
+    """Every group and dataset with its attributes (and a dataset's dtype, shape, bytes)."""
+    tree: dict[str, tuple] = {}
+
+    def visit(name: str, obj: object) -> None:
+        attrs = tuple(sorted((k, str(v)) for k, v in obj.attrs.items()))
+        if isinstance(obj, h5py.Dataset):
+            tree[name] = (attrs, str(obj.dtype), obj.shape, np.asarray(obj[()]).tobytes())
+        else:
+            tree[name] = (attrs,)
+
+    with h5py.File(path, "r") as f:
+        tree["/"] = (tuple(sorted((k, str(v)) for k, v in f.attrs.items())),)
+        f.visititems(visit)
+    return tree
+
+
+# --- .keras -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keras_file_opens_with_load_model(tmp_path, kind: str) -> None:
+    model = trained(kind)
+    path = str(tmp_path / "m.keras")
+    _kerasio.write_keras(model, path, state=b'{"epoch": 3}')
+    loaded = keras.models.load_model(path)
+    assert_same_state(model, loaded)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        assert archive.namelist() == [
+            "metadata.json", "config.json", _kerasio.STATE_MEMBER, "model.weights.h5"
+        ]
+    assert _kerasio.read_state(path) == b'{"epoch": 3}'
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_keras_weights_member_matches_keras_layout(tmp_path, kind: str) -> None:
+    model = trained(kind)
+    ours, stock = str(tmp_path / "ours.keras"), str(tmp_path / "stock.keras")
+    _kerasio.write_keras(model, ours, state=b"{}")
+    model.save(stock)
+    trees = []
+    for path in (ours, stock):
+        with zipfile.ZipFile(path) as archive:
+            member = tmp_path / (os.path.basename(path) + ".h5")
+            member.write_bytes(archive.read("model.weights.h5"))
+        trees.append(h5_tree(str(member)))
+    assert trees[0] == trees[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_into_restores_optimizer_of_a_fresh_compiled_model(tmp_path, kind: str) -> None:
+    model = trained(kind)
+    path = str(tmp_path / "m.keras")
+    _kerasio.write_keras(model, path, state=b"{}")
+    fresh = make_model(kind)  # compiled, optimizer not built: Keras's load_weights trap
+    assert not fresh.optimizer.built
+    _kerasio.load_into(fresh, path)
+    assert_same_state(model, fresh)
+
+
+def test_load_into_reads_a_stock_keras_file(tmp_path) -> None:
+    model = trained("functional_dropout")
+    path = str(tmp_path / "stock.keras")
+    model.save(path)
+    fresh = make_model("functional_dropout")
+    _kerasio.load_into(fresh, path)
+    assert_same_state(model, fresh)
+    assert _kerasio.read_state(path) is None
+
+
+def test_keras_without_optimizer(tmp_path) -> None:
+    model = trained("nested_sequential")
+    path = str(tmp_path / "m.keras")
+    _kerasio.write_keras(model, path, state=b"{}", include_optimizer=False)
+    with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as f:
+        assert "optimizer" not in f and "layers" in f
+    fresh = make_model("nested_sequential")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping optimizer variables" warning
+        _kerasio.load_into(fresh, path)
+    assert_same_state(model, fresh, optimizer=False)
+    assert int(keras.ops.convert_to_numpy(fresh.optimizer.iterations)) == 0
+
+
+class SequentialOnly(io.RawIOBase):
+    """A write-only target that fails on any seek or read: the engine may hash as bytes stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray(b"prefix!")  # the archive may follow other bytes in a file
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.data += memoryview(b).cast("B")
+        return len(memoryview(b).cast("B"))
+
+
+def test_write_keras_to_a_sequential_file_object(tmp_path) -> None:
+    model = trained("functional_dropout")
+    target = SequentialOnly()
+    _kerasio.write_keras(model, target, state=BIG_STATE)
+    assert not target.closed
+    path = tmp_path / "m.keras"
+    path.write_bytes(bytes(target.data))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+    assert_same_state(model, keras.models.load_model(str(path)))
+    assert _kerasio.read_state(str(path)) == BIG_STATE
+
+
+def test_zip64_records_when_sizes_need_them(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(_kerasio, "_ZIP64_LIMIT", 1000)  # as if the weights were > 2 GiB
+    model = trained("nested_sequential")
+    path = str(tmp_path / "m.keras")
+    _kerasio.write_keras(model, path, state=b'{"a": 1}')
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        info = archive.getinfo("model.weights.h5")
+        assert info.file_size > 1000 and info.header_offset > 1000
+    with open(path, "rb") as f:
+        assert b"PK\x06\x06" in f.read()[-200:]  # ZIP64 end of central directory
+    assert_same_state(model, keras.models.load_model(path))
+    if shutil.which("unzip"):  # a second, independent zip reader
+        out = subprocess.run(["unzip", "-t", path], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+@keras.saving.register_keras_serializable(package="keras_ckpt_tests")
+class Vocab(keras.layers.Layer):
+    """A layer with an asset file, like Keras's lookup layers."""
+
+    def __init__(self, words: str = "", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.words = words
+
+    def call(self, x):
+        return x
+
+    def save_assets(self, dir_path: str) -> None:
+        with open(os.path.join(dir_path, "vocab.txt"), "w") as f:
+            f.write(self.words)
+
+    def load_assets(self, dir_path: str) -> None:
+        with open(os.path.join(dir_path, "vocab.txt")) as f:
+            self.words = f.read()
+
+
+def test_keras_assets_round_trip(tmp_path) -> None:
+    model = keras.Sequential([keras.Input((3,)), Vocab(), keras.layers.Dense(2)])
+    model.layers[0].words = "alpha\nbeta"  # not in the config: only the asset carries it
+    path = str(tmp_path / "m.keras")
+    _kerasio.write_keras(model, path, state=b"{}")
+    with zipfile.ZipFile(path) as archive:
+        assert "assets/layers/vocab/vocab.txt" in archive.namelist()
+    assert keras.models.load_model(path).layers[0].words == "alpha\nbeta"
+
+
+# --- .weights.h5 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_h5_loads_with_stock_keras(tmp_path, kind: str) -> None:
+    model = trained(kind)
+    path = str(tmp_path / "m.weights.h5")
+    _kerasio.write_weights_h5(model, path, state=BIG_STATE)
+    fresh = make_model(kind)
+    fresh.optimizer.build(fresh.trainable_variables)
+    fresh.load_weights(path)
+    assert_same_state(model, fresh)
+    assert _kerasio.read_state(path) == BIG_STATE
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_h5_layout_is_keras_save_weights_plus_state(tmp_path, kind: str) -> None:
+    model = trained(kind)
+    ours, stock = str(tmp_path / "ours.weights.h5"), str(tmp_path / "stock.weights.h5")
+    _kerasio.write_weights_h5(model, ours, state=b'{"s": 1}')
+    model.save_weights(stock)
+    tree = h5_tree(ours)
+    assert tree.pop(_kerasio.STATE_MEMBER)[3] == b'{"s": 1}'
+    assert tree.pop(_kerasio.STATE_GROUP) == ((),)
+    assert tree == h5_tree(stock)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_into_weights_h5(tmp_path, kind: str) -> None:
+    model = trained(kind)
+    path = str(tmp_path / "m.weights.h5")
+    _kerasio.write_weights_h5(model, path, state=b"{}")
+    fresh = make_model(kind)
+    _kerasio.load_into(fresh, path)
+    assert_same_state(model, fresh)
+
+
+def test_read_state_of_stock_files_is_none(tmp_path) -> None:
+    model = trained("nested_sequential")
+    model.save_weights(str(tmp_path / "s.weights.h5"))
+    assert _kerasio.read_state(str(tmp_path / "s.weights.h5")) is None
+
+
+def test_bfloat16_variables(tmp_path) -> None:
+    model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(256, dtype="bfloat16")])
+    model.compile(optimizer="adam", loss="mse")
+    path = str(tmp_path / "m.weights.h5")
+    _kerasio.write_weights_h5(model, path, state=b"{}")
+    with h5py.File(path) as f:
+        assert f["layers/dense/vars/0"].attrs["dtype"] == "bfloat16"  # 128 KiB: planned
+    fresh = keras.Sequential([keras.Input((256,)), keras.layers.Dense(256, dtype="bfloat16")])
+    fresh.load_weights(path)
+    for want, got in zip(values(model.weights), values(fresh.weights)):
+        assert want.dtype == got.dtype and want.tobytes() == got.tobytes()
+
+
+def test_load_into_refuses_an_unbuilt_model(tmp_path) -> None:
+    path = str(tmp_path / "m.weights.h5")
+    _kerasio.write_weights_h5(trained("nested_sequential"), path, state=b"{}")
+    with pytest.raises(ValueError, match="built model"):
+        _kerasio.load_into(keras.Sequential([keras.layers.Dense(4)]), path)
+
+
+# --- the other backend ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(bool(os.environ.get(INNER)), reason="already the inner run")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_backend(backend: str) -> None:
+    if backend == keras.backend.backend():
+        pytest.skip("this process runs this backend's tests itself")
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", **{INNER: "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
