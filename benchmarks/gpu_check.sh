@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # GPU checks for keras_ckpt.torch, in one go, printing every result:
-#   1. the GPU tests (save from CUDA, restore on CPU, on CUDA and in a CUDA-less process;
-#      exact resume on CUDA with deterministic settings), run directly from tests/torch_job.py
-#      so pytest is not needed; with pytest installed, the whole tests/test_torch.py too;
+#   1. the GPU tests (save from CUDA; restore on CPU, on CUDA and in a process that sees no CUDA
+#      device; exact resume on CUDA with deterministic settings): with pytest, the whole of
+#      tests/test_torch.py, GPU tests included; without it, the GPU checks run directly from
+#      tests/torch_job.py;
 #   2. the save benchmark with CUDA tensors, then with CPU tensors, on this machine's disk.
-# Needs torch and numpy. Installs xxhash (required) and this package (editable, no deps) if
-# they are missing; WHEELS=DIR installs from a local wheel directory instead of the network.
+# Needs torch and numpy. Uses this checkout (PYTHONPATH; no install needed) and installs
+# xxhash (a required dependency) if it is missing; WHEELS=DIR installs it (and pytest) from a
+# local wheel directory instead of the network.
 #
 #   bash benchmarks/gpu_check.sh            # or: PYTHON=python3.12 WHEELS=/tmp/w bash ...
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+PY=${PYTHON:-$(command -v python || command -v python3)}
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check --retries 1 --timeout 10)
 if [ -n "${WHEELS:-}" ]; then PIP+=(--no-index --find-links "$WHEELS"); fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 
 echo "== environment"
@@ -20,14 +23,15 @@ echo "== environment"
 '| cuda', torch.version.cuda, '| devices', [torch.cuda.get_device_name(i)
 for i in range(torch.cuda.device_count())])" || exit 1
 "$PY" -c "import xxhash" 2>/dev/null || "${PIP[@]}" xxhash \
-  || echo "!! could not install xxhash (a required dependency); keras_ckpt will not import"
-"$PY" -c "import keras_ckpt" 2>/dev/null || "${PIP[@]}" --no-deps -e . \
-  || echo "!! could not install keras_ckpt (pip install -e . --no-deps)"
-"$PY" -c "import pytest" 2>/dev/null || { [ -n "${WHEELS:-}" ] && "${PIP[@]}" pytest; } \
-  || echo "(pytest is not installed: only the direct GPU checks run)"
+  || echo "!! could not install xxhash (a required dependency): keras_ckpt will not import"
+if [ -n "${WHEELS:-}" ]; then "$PY" -c "import pytest" 2>/dev/null || "${PIP[@]}" pytest; fi
 
-echo "== GPU checks"
-"$PY" - <<'EOF' || status=1
+if "$PY" -c "import pytest" 2>/dev/null; then
+  echo "== tests/test_torch.py (GPU tests included)"
+  "$PY" -m pytest tests/test_torch.py -v -p no:cacheprovider -rs --durations=5 || status=1
+else
+  echo "== GPU checks (pytest is not installed: run directly)"
+  "$PY" - <<'EOF' || status=1
 import sys, tempfile, time, traceback
 sys.path.insert(0, "tests")
 import torch
@@ -47,10 +51,6 @@ for check in torch_job.GPU_CHECKS:
         print(f"FAIL {check.__name__}\n{traceback.format_exc()}", flush=True)
 sys.exit(1 if failed else 0)
 EOF
-
-if "$PY" -c "import pytest" 2>/dev/null; then
-  echo "== tests/test_torch.py (GPU tests included)"
-  "$PY" -m pytest tests/test_torch.py -q -p no:cacheprovider --durations=5 || status=1
 fi
 
 echo "== save throughput, CUDA tensors"

@@ -16,6 +16,8 @@ the disk's speed; on the TensorFlow backend every variable is also copied twice 
    :func:`crc32_combine`; the CRC goes into a data descriptor after the member, so nothing is
    ever seeked back over. A strictly sequential writer lets the caller hash the bytes as they
    stream, or write to a non-seekable target.
+3. Each 16 MiB written is handed to the disk at once (Linux ``sync_file_range``, no waiting),
+   so the disk works while the rest is still being copied and checksummed.
 
 Neither writer fsyncs: the engine does, after it checksums the file.
 
@@ -26,14 +28,16 @@ Keras front-end only.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import io
 import os
 import struct
+import sys
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
@@ -57,8 +61,11 @@ __all__ = [
 STATE_MEMBER = "keras_ckpt/state.json"
 """Extra zip member of a ``.keras`` file holding the training state (JSON bytes).
 
-Keras's loader reads only the members it knows, so it never looks at this one. In
-``.weights.h5`` files the same path names the HDF5 dataset that holds the state."""
+Keras's loader never reads it, but (Keras 3.15) any archive with more than three members makes
+``keras.models.load_model`` extract the whole archive, weights included, into a temporary
+directory as if it had assets: loading works, at about twice the time. :func:`load_into` reads
+the weights in place. In ``.weights.h5`` files the same path names the HDF5 dataset that holds
+the state."""
 
 STATE_GROUP = "keras_ckpt"
 """Root group of a ``.weights.h5`` file holding the training state, as a ``uint8`` dataset
@@ -405,12 +412,66 @@ def _segments(
 # --- Writing ----------------------------------------------------------------------------------
 
 
-def _write_all(out: IO[bytes], data: memoryview) -> int:
-    """Write all of ``data``: a raw file may write less than asked (Linux caps one write)."""
-    total = len(data)
-    while data:
-        data = data[out.write(data) :]
-    return total
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's ``sync_file_range`` (Python has no wrapper), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+_WRITEBACK_CHUNK = 16 << 20
+
+
+class _Output:
+    """The target file, written in chunks, each handed to the disk as soon as it is written.
+
+    Left alone, the kernel holds a checkpoint in the page cache until the caller's fsync, and
+    only then does the disk start: write time plus disk time. ``sync_file_range(WRITE)`` starts
+    the disk on each chunk right away, without waiting for it and without any durability
+    promise (the caller's fsync still gives that), so the disk runs while the next chunks are
+    copied and checksummed: 0.6 s -> 0.4 s for a 600 MB checkpoint on the 2-core dev machine.
+    The pages stay cached for the caller's checksum. Targets without a file descriptor (or off
+    Linux) are just written.
+    """
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._fd: int | None = None
+        self._started = 0  # file offset up to which the disk has been started
+        if _SYNC_FILE_RANGE is not None:
+            try:
+                self._fd = out.fileno()
+                self._started = os.lseek(self._fd, 0, os.SEEK_CUR)
+            except (OSError, AttributeError, io.UnsupportedOperation):
+                self._fd = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Write all of ``data``; returns its length."""
+        view = memoryview(data)
+        for start in range(0, len(view), _WRITEBACK_CHUNK):
+            piece = view[start : start + _WRITEBACK_CHUNK]
+            while piece:  # a raw file may write less than asked
+                piece = piece[self._out.write(piece) :]
+            self._start_writeback()
+        return len(view)
+
+    def _start_writeback(self) -> None:
+        if self._fd is None:
+            return
+        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # where the bytes reached the OS
+        if end - self._started >= _WRITEBACK_CHUNK:
+            _SYNC_FILE_RANGE(self._fd, self._started, end - self._started, _SYNC_FILE_RANGE_WRITE)
+            self._started = end
+        elif end < self._started:  # the caller moved backwards: follow it
+            self._started = end
 
 
 def write_weights_h5(
@@ -420,12 +481,14 @@ def write_weights_h5(
 
     The file loads with ``model.load_weights(path)`` exactly as one from ``save_weights``
     (build the optimizer first for its variables to load, or use :func:`load_into`), and
-    carries ``state`` under :data:`STATE_GROUP`. Not fsynced: the caller does that.
+    carries ``state`` under :data:`STATE_GROUP`. Written front to back in one pass; not
+    fsynced: the caller does that.
     """
     segments = _segments(model, include_optimizer, state, assets_dir=None)
-    with open(path, "wb", buffering=0) as out:
+    with open(path, "wb", buffering=0) as raw:
+        out = _Output(raw)
         for segment in segments:
-            _write_all(out, segment)
+            out.write(segment)
 
 
 def _dos_time(now: float) -> tuple[int, int]:
@@ -443,13 +506,13 @@ class _ZipStream:
     """
 
     def __init__(self, out: IO[bytes]) -> None:
-        self._out = out
+        self._out = _Output(out)
         self._pos = 0
         self._entries: list[tuple[bytes, int, int, int, int]] = []  # name, flags, crc, size, off
         self._time, self._date = _dos_time(time.time())
 
     def _emit(self, data: bytes | memoryview) -> None:
-        self._pos += _write_all(self._out, memoryview(data))
+        self._pos += self._out.write(data)
 
     def _local_header(self, name: bytes, flags: int, crc: int, size: int) -> None:
         extra = b""

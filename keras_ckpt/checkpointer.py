@@ -226,7 +226,9 @@ class Checkpointer:
             return
         self.epochs_done = int(state.get("epoch", 0))
         self.step = int(state.get("step", 0))
-        self.start_batch = int(state.get("batch") or 0)
+        batch = state.get("batch")
+        # ``batch`` is the 0-based index of the last batch trained before a mid-epoch save.
+        self.start_batch = 0 if batch is None else int(batch) + 1
         self._running_epoch = self.epochs_done
         if state.get("rng"):
             rng.restore(state["rng"])
@@ -313,6 +315,11 @@ class Checkpointer:
         if not self.save_best_only:
             self._say(f"\nEpoch {epoch + 1}: saving model to {path}")
         state = self.training_state(batch)
+        value = score(metrics, self.monitor)
+        if self.engine.is_improvement(value):
+            # The file is written before the engine commits its record: carry the best it will
+            # have, so ``resume=<this file>`` elsewhere starts from the right best.
+            state["monitor"]["best"] = value
         with self.engine.transaction(
             path, epoch=self.epochs_done, step=self.step, metrics=metrics
         ) as tx:

@@ -112,6 +112,7 @@ class Transaction:
             else:
                 size = writer.size  # type: ignore[union-attr]
             entries.append(FileEntry(os.path.basename(final), size, digest))
+        self._engine._announce_replacements(entries)
         for tmp, final, _, _ in self._files:
             os.replace(tmp, final)
         storage.fsync_dir(self._engine.directory)
@@ -249,6 +250,21 @@ class Engine:
         committed = self.record_named(record.name)
         return committed or record, deleted
 
+    def _announce_replacements(self, incoming: Sequence[FileEntry]) -> None:
+        """Before renaming over files the manifest lists, let their entries accept the new bytes."""
+        new = {f.path: (f.bytes, f.xxh3_128) for f in incoming}
+        if not any(f.path in new for r in self._records for f in r.files):
+            return
+        with storage.directory_lock(self.directory):
+            m = mf.load(self.directory)
+            m.checkpoints = [
+                replace(r, files=tuple(
+                    replace(f, replacing=new[f.path]) if f.path in new else f for f in r.files
+                ))
+                for r in m.checkpoints
+            ]
+            mf.save(self.directory, m)
+
     def report(self, name: str, metrics: Mapping[str, Any]) -> Record:
         """Attach metrics to a committed record (clearing ``pending``) and re-apply retention."""
         with storage.directory_lock(self.directory):
@@ -318,10 +334,11 @@ def verify(directory: str, record: Record) -> str | None:
             digest, size = storage.hash_file(path)
         except FileNotFoundError:
             return f"{f.path} is missing"
+        if f.matches(size, digest):
+            continue
         if size != f.bytes:
             return f"{f.path} has {size} bytes, the manifest says {f.bytes}"
-        if digest != f.xxh3_128:
-            return f"{f.path} does not match its checksum"
+        return f"{f.path} does not match its checksum"
     return None
 
 

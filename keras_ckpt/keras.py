@@ -272,7 +272,8 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.verbose > 0:
             io_utils.print_msg(
                 f"Restored {path}: continuing at epoch {self._core.epochs_done + 1} "
-                f"(step {self._core.step}, best {self.monitor}={self.best})"
+                f"(step {self._core.step}, best {self.monitor}="
+                f"{'None' if self.best is None else f'{self.best:.5f}'})"
             )
 
     def _load_legacy_h5(self, path: str) -> None:

@@ -43,16 +43,36 @@ def checkpoint_name(path: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One file of a checkpoint. ``replacing`` is set only while a save overwrites this file.
+
+    A rename over a listed file cannot happen in the same instant as the manifest commit, so
+    the engine first records the incoming file's (bytes, checksum) here: whichever version a
+    crash leaves on disk then verifies.
+    """
+
     path: str
     bytes: int
     xxh3_128: str
+    replacing: tuple[int, str] | None = None
+
+    def matches(self, size: int, digest: str) -> bool:
+        return (size, digest) == (self.bytes, self.xxh3_128) or (size, digest) == self.replacing
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "bytes": self.bytes, "xxh3_128": self.xxh3_128}
+        d: dict[str, Any] = {"path": self.path, "bytes": self.bytes, "xxh3_128": self.xxh3_128}
+        if self.replacing is not None:
+            d["replacing"] = {"bytes": self.replacing[0], "xxh3_128": self.replacing[1]}
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FileEntry:
-        return cls(path=d["path"], bytes=int(d["bytes"]), xxh3_128=d["xxh3_128"])
+        r = d.get("replacing")
+        return cls(
+            path=d["path"],
+            bytes=int(d["bytes"]),
+            xxh3_128=d["xxh3_128"],
+            replacing=(int(r["bytes"]), r["xxh3_128"]) if r else None,
+        )
 
 
 def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:

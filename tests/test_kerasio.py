@@ -73,7 +73,7 @@ def make_model(kind: str) -> keras.Model:
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(kind: str) -> keras.Model:
     """Three Adam steps (random gradients, eager: no tracing), so moments and count are set.
 
@@ -82,7 +82,8 @@ def trained(kind: str) -> keras.Model:
     model = make_model(kind)
     rng = np.random.default_rng(0)
     for _ in range(3):
-        grads = [rng.normal(size=v.shape).astype("float32") for v in model.trainable_variables]
+        grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32"))
+                 for v in model.trainable_variables]
         model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
     return model
 
@@ -213,6 +214,28 @@ def test_write_keras_to_a_sequential_file_object(tmp_path) -> None:
         assert archive.testzip() is None
     assert_same_state(model, keras.models.load_model(str(path)))
     assert _kerasio.read_state(str(path)) == BIG_STATE
+
+
+def test_write_keras_to_a_buffered_file_object(tmp_path) -> None:
+    model = trained("nested_sequential")
+    path = tmp_path / "m.keras"
+    with open(path, "wb") as f:
+        _kerasio.write_keras(model, f, state=b"{}")
+        assert not f.closed
+    assert_same_state(model, keras.models.load_model(str(path)))
+
+
+def test_loss_scale_optimizer_layout_matches_keras(tmp_path) -> None:
+    model = make_model("functional_dropout")
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam()), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    ours, stock = str(tmp_path / "ours.weights.h5"), str(tmp_path / "stock.weights.h5")
+    _kerasio.write_weights_h5(model, ours, state=b"{}")
+    model.save_weights(stock)
+    tree = h5_tree(ours)
+    del tree[_kerasio.STATE_MEMBER], tree[_kerasio.STATE_GROUP]
+    assert tree == h5_tree(stock)
+    assert not hasattr(model.optimizer, "__dict__") or "save_own_variables" not in vars(model.optimizer)
 
 
 def test_zip64_records_when_sizes_need_them(tmp_path, monkeypatch) -> None:

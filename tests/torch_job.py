@@ -188,7 +188,7 @@ def check_cuda_save_restores_on_cpu_and_cuda(root: str) -> None:
         opt.step()
     ckpt.on_epoch_end(0, logs={"val_loss": 0.5})
     path = ckpt.latest_path
-    payload = torch.load(path, weights_only=True, map_location="cpu")
+    payload = torch.load(path, weights_only=True)
     assert all(t.device.type == "cpu" for t in payload["model"].values())
     assert len(payload["training_state"]["rng"]["torch"]["cuda"]) == torch.cuda.device_count()
 
@@ -244,6 +244,7 @@ def crash_loop(directory: str) -> None:
 
 
 def restore_into_cpu_model(path: str, out: str) -> None:
+    torch.load(path, weights_only=True)  # CUDA tensors were saved from host copies: no map_location
     model, opt, sched, _ = make_job("cpu")
     ckpt = ModelCheckpoint(os.path.join(tempfile.mkdtemp(), TEMPLATE), model=model,
                            optimizer=opt, scheduler=sched, resume=path)
