@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from keras_ckpt.torch import ModelCheckpoint, _EarlyWriteback
+from keras_ckpt import storage
+from keras_ckpt.torch import ModelCheckpoint
 
 
 def build(params: float, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -77,7 +78,7 @@ def main() -> None:
 
     def raw_early(i: int) -> str:
         path = os.path.join(root, "base", f"early-{i}")
-        fsynced(path, lambda f: _EarlyWriteback(f).write(data))
+        fsynced(path, lambda f: storage.EarlyWriteback(f).write(data))
         return path
 
     def torch_save(i: int) -> str:

@@ -2,8 +2,9 @@
 
 Why this exists: stock ``model.save(".keras")`` builds the whole HDF5 weights file in a
 ``BytesIO``, copies it, CRCs it on one core and only then writes it, so it runs at a fraction of
-the disk's speed; on the TensorFlow backend every variable is also copied twice on the way
-(``np.array`` over a ``tf.Variable``). Here the file is planned first and streamed once:
+the disk's speed; on the TensorFlow backend every variable is also copied once or twice on the
+way (``variable.numpy()``, ``np.array`` over a ``tf.Variable``). Here the file is planned first
+and streamed once:
 
 1. Keras's own saving walk (``saving_lib._save_state``) runs against an HDF5 file that lives in a
    sparse in-memory image. Every large dataset is created with its storage allocated but never
@@ -16,10 +17,12 @@ the disk's speed; on the TensorFlow backend every variable is also copied twice 
    :func:`crc32_combine`; the CRC goes into a data descriptor after the member, so nothing is
    ever seeked back over. A strictly sequential writer lets the caller hash the bytes as they
    stream, or write to a non-seekable target.
-3. Each 16 MiB written is handed to the disk at once (Linux ``sync_file_range``, no waiting),
+3. Each 16 MiB written is handed to the disk at once (:class:`keras_ckpt.storage.EarlyWriteback`),
    so the disk works while the rest is still being copied and checksummed.
 
-Neither writer fsyncs: the engine does, after it checksums the file.
+Neither writer fsyncs: the engine does, after it checksums the file. Both read the variables in
+place, without a snapshot: the model must not train while they run (an asynchronous save has to
+copy the values to host memory first).
 
 This module imports keras and h5py at import time; ``keras_ckpt`` imports it lazily, from the
 Keras front-end only.
@@ -28,16 +31,14 @@ Keras front-end only.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import io
 import os
 import struct
-import sys
 import time
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
@@ -47,6 +48,8 @@ import numpy as np
 from keras.src.backend.common import global_state
 from keras.src.optimizers.base_optimizer import BaseOptimizer
 from keras.src.saving import saving_lib
+
+from keras_ckpt import storage
 
 __all__ = [
     "STATE_GROUP",
@@ -59,19 +62,15 @@ __all__ = [
 ]
 
 STATE_MEMBER = "keras_ckpt/state.json"
-"""Extra zip member of a ``.keras`` file holding the training state (JSON bytes).
-
-Keras's loader never reads it, but (Keras 3.15) any archive with more than three members makes
-``keras.models.load_model`` extract the whole archive, weights included, into a temporary
-directory as if it had assets: loading works, at about twice the time. :func:`load_into` reads
-the weights in place. In ``.weights.h5`` files the same path names the HDF5 dataset that holds
-the state."""
+"""Path of the ``uint8`` HDF5 dataset holding the training state (JSON bytes), in a
+``.weights.h5`` file and in the ``model.weights.h5`` member of a ``.keras`` archive alike.
+Keras only opens the groups its model walk names, so it ignores this one. Not a zip member of
+its own: (Keras 3.15) an archive with more than three members makes ``keras.models.load_model``
+extract the whole archive, weights included, into a temporary directory (3.7x slower on a
+600 MB model). A dataset, not an attribute: HDF5 caps attributes at 64 KiB."""
 
 STATE_GROUP = "keras_ckpt"
-"""Root group of a ``.weights.h5`` file holding the training state, as a ``uint8`` dataset
-named ``state.json`` (so the dataset's path equals :data:`STATE_MEMBER`). Keras only opens the
-groups its model walk names, so it ignores this one. A dataset, not an attribute: HDF5 caps
-attributes at 64 KiB in the file format Keras writes."""
+"""The root group that :data:`STATE_MEMBER` lives in."""
 
 _WEIGHTS_MEMBER = saving_lib._VARS_FNAME_H5
 _CONFIG_MEMBER = saving_lib._CONFIG_FILENAME
@@ -377,7 +376,7 @@ def _segments(
 ) -> list[memoryview]:
     """The weights file as an ordered list of byte segments that concatenate to the file.
 
-    ``state`` (``.weights.h5`` only) goes into :data:`STATE_GROUP`. ``assets_dir`` is a Keras
+    ``state`` goes into :data:`STATE_MEMBER`. ``assets_dir`` is a Keras
     ``DiskIOStore`` for ``.keras`` files (layers such as lookups save vocabularies there).
     """
     image = _SparseImage()
@@ -412,68 +411,6 @@ def _segments(
 # --- Writing ----------------------------------------------------------------------------------
 
 
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's ``sync_file_range`` (Python has no wrapper), or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-_WRITEBACK_CHUNK = 16 << 20
-
-
-class _Output:
-    """The target file, written in chunks, each handed to the disk as soon as it is written.
-
-    Left alone, the kernel holds a checkpoint in the page cache until the caller's fsync, and
-    only then does the disk start: write time plus disk time. ``sync_file_range(WRITE)`` starts
-    the disk on each chunk right away, without waiting for it and without any durability
-    promise (the caller's fsync still gives that), so the disk runs while the next chunks are
-    copied and checksummed: 0.6 s -> 0.4 s for a 600 MB checkpoint on the 2-core dev machine.
-    The pages stay cached for the caller's checksum. Targets without a file descriptor (or off
-    Linux) are just written.
-    """
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = out
-        self._fd: int | None = None
-        self._started = 0  # file offset up to which the disk has been started
-        if _SYNC_FILE_RANGE is not None:
-            try:
-                self._fd = out.fileno()
-                self._started = os.lseek(self._fd, 0, os.SEEK_CUR)
-            except (OSError, AttributeError, io.UnsupportedOperation):
-                self._fd = None
-
-    def write(self, data: bytes | memoryview) -> int:
-        """Write all of ``data``; returns its length."""
-        view = memoryview(data)
-        for start in range(0, len(view), _WRITEBACK_CHUNK):
-            piece = view[start : start + _WRITEBACK_CHUNK]
-            while piece:  # a raw file may write less than asked
-                piece = piece[self._out.write(piece) :]
-            self._start_writeback()
-        return len(view)
-
-    def _start_writeback(self) -> None:
-        if self._fd is None:
-            return
-        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # where the bytes reached the OS
-        if end - self._started >= _WRITEBACK_CHUNK:
-            _SYNC_FILE_RANGE(self._fd, self._started, end - self._started, _SYNC_FILE_RANGE_WRITE)
-            self._started = end
-        elif end < self._started:  # the caller moved backwards: follow it
-            self._started = end
-
-
 def write_weights_h5(
     model: Any, path: str, *, state: bytes, include_optimizer: bool = True
 ) -> None:
@@ -486,16 +423,17 @@ def write_weights_h5(
     """
     segments = _segments(model, include_optimizer, state, assets_dir=None)
     with open(path, "wb", buffering=0) as raw:
-        out = _Output(raw)
+        out = storage.EarlyWriteback(raw)
         for segment in segments:
             out.write(segment)
 
 
 def _dos_time(now: float) -> tuple[int, int]:
+    """Zip's MS-DOS time and date fields for ``now``."""
     t = time.localtime(now)
-    return (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2), (
-        (max(t.tm_year, 1980) - 1980) << 9
-    ) | (t.tm_mon << 5) | t.tm_mday
+    dos_time = (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2)
+    dos_date = ((max(t.tm_year, 1980) - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
+    return dos_time, dos_date
 
 
 class _ZipStream:
@@ -506,7 +444,7 @@ class _ZipStream:
     """
 
     def __init__(self, out: IO[bytes]) -> None:
-        self._out = _Output(out)
+        self._out = storage.EarlyWriteback(out)
         self._pos = 0
         self._entries: list[tuple[bytes, int, int, int, int]] = []  # name, flags, crc, size, off
         self._time, self._date = _dos_time(time.time())
@@ -631,7 +569,7 @@ def write_keras(
     """Write ``model`` as a ``.keras`` archive that ``keras.models.load_model`` opens.
 
     Members: ``metadata.json`` and ``config.json`` (Keras's own serialization), any assets,
-    :data:`STATE_MEMBER` holding ``state``, and ``model.weights.h5`` last. With
+    and ``model.weights.h5`` last, holding ``state`` at :data:`STATE_MEMBER`. With
     ``include_optimizer=False`` the optimizer's variables are left out of the weights (Keras
     3's ``model.save`` ignores that flag for ``.keras``); the config still records the compile
     arguments, so ``load_model`` returns a compiled model with a fresh optimizer.
@@ -643,21 +581,19 @@ def write_keras(
     config_json, metadata_json = saving_lib._serialize_model_as_json(model)
     assets = saving_lib.DiskIOStore(_ASSETS_DIR, mode="w")
     try:
-        segments = _segments(model, include_optimizer, None, assets)
+        segments = _segments(model, include_optimizer, state, assets)
         if isinstance(fileobj_or_path, (str, os.PathLike)):
             with open(fileobj_or_path, "wb", buffering=0) as out:
-                _write_archive(out, metadata_json, config_json, assets.working_dir, state, segments)
+                _write_archive(out, metadata_json, config_json, assets.working_dir, segments)
         else:
-            _write_archive(
-                fileobj_or_path, metadata_json, config_json, assets.working_dir, state, segments
-            )
+            _write_archive(fileobj_or_path, metadata_json, config_json, assets.working_dir, segments)
             fileobj_or_path.flush()
     finally:
         assets.close()
 
 
 def _write_archive(
-    out: IO[bytes], metadata_json: str, config_json: str, assets_root: str, state: bytes,
+    out: IO[bytes], metadata_json: str, config_json: str, assets_root: str,
     segments: list[memoryview],
 ) -> None:
     archive = _ZipStream(out)
@@ -666,7 +602,6 @@ def _write_archive(
     for name, path in _asset_files(assets_root):
         with open(path, "rb") as asset:
             archive.add(name, asset.read())
-    archive.add(STATE_MEMBER, state)
     archive.add_streamed(_WEIGHTS_MEMBER, segments)
     archive.finish()
 
@@ -677,15 +612,10 @@ def _write_archive(
 def read_state(path: str) -> bytes | None:
     """The training state embedded in a ``.keras``, ``.weights.h5`` or ``.h5`` file, or None.
 
-    The format is told from the content, not the name: a zip is a ``.keras`` archive.
+    In every format it is the dataset :data:`STATE_MEMBER` of the HDF5 weights (in a ``.keras``
+    archive: inside ``model.weights.h5``, read in place).
     """
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            try:
-                return archive.read(STATE_MEMBER)
-            except KeyError:
-                return None
-    with h5py.File(path, "r") as h5_file:
+    with open(path, "rb") as raw, _open_weights(path, raw.fileno()) as h5_file:
         dataset = h5_file.get(STATE_MEMBER)
         if not isinstance(dataset, h5py.Dataset):
             return None
@@ -695,9 +625,8 @@ def read_state(path: str) -> bytes | None:
 class _Window(io.RawIOBase):
     """Read-only view of ``[start, start + length)`` of a file, as a file of its own.
 
-    h5py reads a stored zip member through it in place; Keras's own route goes through
-    ``ZipExtFile``, which on Python < 3.12 re-reads from the member's start on every
-    backward seek.
+    h5py reads a stored zip member through it in place. Keras's own route reads through
+    ``ZipExtFile``, whose seeks h5py makes often: 4.3 s instead of 0.7 s for a 600 MB member.
     """
 
     def __init__(self, fd: int, start: int, length: int) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from keras_ckpt import storage
 from keras_ckpt.checkpointer import Checkpointer
 from keras_ckpt.engine import Transaction
 from keras_ckpt.manifest import Record
@@ -467,7 +468,7 @@ def _torch_save(obj: Any, f: IO[bytes]) -> None:
     others (strict zip tools, e.g. Python's ``zipfile``, would report a CRC mismatch). Where
     torch lacks that argument or ``_save``, this is plain ``torch.save``.
     """
-    out = _EarlyWriteback(f)
+    out = storage.EarlyWriteback(f)
     serialization = torch.serialization
     save = getattr(serialization, "_save", None)
     options: dict[str, Any] = {"compute_crc32": False}
@@ -484,49 +485,6 @@ def _torch_save(obj: Any, f: IO[bytes]) -> None:
     save(obj, writer, pickle, serialization.DEFAULT_PROTOCOL, False)
     writer.write_end_of_file()
     out.flush()
-
-
-class _EarlyWriteback:
-    """Feeds ``f`` in slices and has the kernel start writing each one to disk right away.
-
-    Without it the disk idles while torch serializes and the engine hashes, then the final
-    fsync writes the whole file; with it that fsync waits for the last slice or so. The pages
-    already written are dropped from the page cache too, so a checkpoint of many GB does not
-    push the training data out of it. (Linux and other POSIX systems; elsewhere a plain write.)
-    """
-
-    SLICE = 64 << 20
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f = f
-        self._pos = 0
-        self._kicked = 0
-        try:
-            self._fd: int | None = f.fileno() if hasattr(os, "posix_fadvise") else None
-        except (AttributeError, OSError, ValueError):
-            self._fd = None
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), self.SLICE):
-            piece = view[start : start + self.SLICE]
-            self._f.write(piece)
-            self._pos += len(piece)
-            if self._fd is not None and self._pos - self._kicked >= self.SLICE:
-                self._kick()
-        return len(view)
-
-    def _kick(self) -> None:
-        try:
-            # DONTNEED starts writeback of the dirty pages in the range without waiting for
-            # it, and drops the pages that are clean by now (the slices written before).
-            os.posix_fadvise(self._fd, 0, self._pos, os.POSIX_FADV_DONTNEED)
-        except OSError:  # a file system that does not support it: write plainly
-            self._fd = None
-        self._kicked = self._pos
-
-    def flush(self) -> None:
-        self._f.flush()
 
 
 def _check_tensors(path: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:

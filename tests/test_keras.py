@@ -356,3 +356,17 @@ def test_restore_rebuilds_optimizer_so_users_never_meet_the_keras_trap(tmp_path)
         fit(fresh, [ckpt], 2)
     assert not [w for w in caught if "optimizer" in str(w.message).lower()]
     assert int(fresh.optimizer.iterations.numpy()) == 8
+
+
+def test_keep_every_n_epochs_and_time_based_saves(tmp_path):
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "e-{epoch}.keras"), max_to_keep=1,
+                                      keep_every_n_epochs=2, monitor="loss")
+    fit(tiny_model(), [ckpt], 5)
+    # epoch 1 is the best loss-wise only if training diverged; the newest and every 2nd stay
+    kept = {r.name: r.kept for r in ckpt.checkpoints}
+    assert {"e-2", "e-4", "e-5"} <= set(kept) and kept["e-2"] == ("every_n_epochs",)
+    assert set(kept) - {"e-2", "e-4", "e-5"} <= {ckpt.checkpoints[0].name}  # at most the best
+    timed = keras_ckpt.ModelCheckpoint(str(tmp_path / "t-{epoch}-{batch}.keras"), save_freq=1000,
+                                       save_every_n_seconds=1e-9)
+    fit(tiny_model(), [timed], 1)  # 4 batches, none by count: the clock is due at each batch end
+    assert names(tmp_path, "t-*") == ["t-1-1.keras", "t-1-2.keras", "t-1-3.keras", "t-1-4.keras"]
