@@ -127,15 +127,9 @@ def full_checkpoint_weights(bench: Bench, path: str) -> None:
     _engine_save(bench, path, save_weights_only=True)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _timed(entry: Row, bench: Bench, path: str) -> tuple[float, int]:
+    from keras_ckpt import storage
+
     if os.path.exists(path):
         os.unlink(path)
     gc.collect()
@@ -143,7 +137,7 @@ def _timed(entry: Row, bench: Bench, path: str) -> tuple[float, int]:
     start = time.perf_counter()
     entry.fn(bench, path)
     if entry.fsync:
-        _fsync(path)
+        storage.fsync_path(path)
     return time.perf_counter() - start, os.path.getsize(path)
 
 

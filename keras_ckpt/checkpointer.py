@@ -334,3 +334,34 @@ class Checkpointer:
     def _say(self, message: str, level: int = 1) -> None:
         if self.verbose >= level:
             self.print_fn(message)
+
+
+class CheckpointAttributes:
+    """The attributes every ``ModelCheckpoint`` front-end exposes, read from its Checkpointer."""
+
+    _core: Checkpointer
+
+    @property
+    def best(self) -> float | None:
+        """The best ``monitor`` value so far (this series, across restarts), or None."""
+        return self._core.best
+
+    @property
+    def best_path(self) -> str | None:
+        """The file of the best checkpoint that is still kept, or None."""
+        return self._core.best_path
+
+    @property
+    def latest_path(self) -> str | None:
+        """The newest committed checkpoint's file, or None."""
+        return self._core.latest_path
+
+    @property
+    def checkpoints(self) -> list[Record]:
+        """This series' manifest records, oldest first."""
+        return self._core.checkpoints
+
+    @property
+    def restored_path(self) -> str | None:
+        """The file ``on_train_begin`` restored from, or None."""
+        return self._core.restored_path

@@ -16,15 +16,14 @@ from keras.src.callbacks.callback import Callback
 from keras.src.utils import io_utils
 
 from keras_ckpt import _kerasio
-from keras_ckpt.checkpointer import Checkpointer
+from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.engine import Transaction
-from keras_ckpt.manifest import Record
 from keras_ckpt.policy import UNSET
 
 _SEED_STATE = "seed_generator_state"
 
 
-class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
+class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
     """Keras's ``ModelCheckpoint`` plus rotation, best-N, full training state and exact resume.
 
     Every argument and behaviour of ``keras.callbacks.ModelCheckpoint`` keeps working. On top of
@@ -136,6 +135,7 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     @property
     def best(self) -> float | None:
+        """The best ``monitor`` value so far (this series, across restarts), or None."""
         core = self.__dict__.get("_core")
         return core.best if core is not None else self.__dict__.get("_baseline")
 
@@ -144,22 +144,6 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
         # Keras's base class assigns ``best`` (its baseline) before the engine exists.
         if "_core" not in self.__dict__:
             self.__dict__["_baseline"] = value
-
-    @property
-    def best_path(self) -> str | None:
-        return self._core.best_path
-
-    @property
-    def latest_path(self) -> str | None:
-        return self._core.latest_path
-
-    @property
-    def checkpoints(self) -> list[Record]:
-        return self._core.checkpoints
-
-    @property
-    def restored_path(self) -> str | None:
-        return self._core.restored_path
 
     # -- training events ----------------------------------------------------------------------
 

@@ -214,7 +214,8 @@ class SaveSchedule:
     def due_at_epoch_end(self, epochs_done: int, seconds_since_save: float) -> bool:
         if self.every_n_epochs and epochs_done % self.every_n_epochs == 0:
             return True
-        return self._time_due(seconds_since_save)
+        # A clock checked at every batch end was just checked at the epoch's last batch.
+        return not self.seconds_at_batch and self._time_due(seconds_since_save)
 
     def due_at_batch_end(self, batches_since_save: int, seconds_since_save: float) -> bool:
         if self.every_n_batches and batches_since_save >= self.every_n_batches:

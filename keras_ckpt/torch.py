@@ -29,9 +29,8 @@ import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from keras_ckpt import storage
-from keras_ckpt.checkpointer import Checkpointer
+from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.engine import Transaction
-from keras_ckpt.manifest import Record
 from keras_ckpt.policy import UNSET
 
 __all__ = ["ModelCheckpoint"]
@@ -39,7 +38,7 @@ __all__ = ["ModelCheckpoint"]
 _EXACT_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
 
 
-class ModelCheckpoint:
+class ModelCheckpoint(CheckpointAttributes):
     """Saves a PyTorch training loop's full state; keeps the latest N and the best N; resumes exactly.
 
     The PyTorch counterpart of `keras_ckpt.ModelCheckpoint`: the same arguments (those that
@@ -186,31 +185,6 @@ class ModelCheckpoint:
         self._counts_batches = False
 
     # -- attributes shared with the Keras callback --------------------------------------------
-
-    @property
-    def best(self) -> float | None:
-        """The best `monitor` value so far (this series, across restarts), or None."""
-        return self._core.best
-
-    @property
-    def best_path(self) -> str | None:
-        """The file of the best checkpoint that is still kept, or None."""
-        return self._core.best_path
-
-    @property
-    def latest_path(self) -> str | None:
-        """The newest committed checkpoint's file, or None."""
-        return self._core.latest_path
-
-    @property
-    def checkpoints(self) -> list[Record]:
-        """This series' manifest records, oldest first."""
-        return self._core.checkpoints
-
-    @property
-    def restored_path(self) -> str | None:
-        """The file `on_train_begin` restored from, or None."""
-        return self._core.restored_path
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -123,6 +123,8 @@ def test_save_schedule():
     b = SaveSchedule(every_n_epochs=None, every_n_batches=4)
     assert b.due_at_batch_end(4, 0) and not b.due_at_batch_end(3, 0)
     assert not b.due_at_epoch_end(1, 0)
+    clock = SaveSchedule(every_n_epochs=None, every_n_batches=100, every_n_seconds=5)
+    assert clock.due_at_batch_end(1, 6) and not clock.due_at_epoch_end(1, 6)
 
 
 values = st.lists(
