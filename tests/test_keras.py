@@ -370,3 +370,36 @@ def test_keep_every_n_epochs_and_time_based_saves(tmp_path):
                                        save_every_n_seconds=1e-9)
     fit(tiny_model(), [timed], 1)  # 4 batches, none by count: the clock is due at each batch end
     assert names(tmp_path, "t-*") == ["t-1-1.keras", "t-1-2.keras", "t-1-3.keras", "t-1-4.keras"]
+
+
+def test_save_optimizer_false_keeps_the_bookkeeping(tmp_path):
+    model = tiny_model()
+    template = str(tmp_path / "c-{epoch}.keras")
+    fit(model, [keras_ckpt.ModelCheckpoint(template, save_optimizer=False)], 2)
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(tmp_path / "c-2.keras") as archive:
+        (tmp_path / "w.h5").write_bytes(archive.read("model.weights.h5"))
+    with h5py.File(tmp_path / "w.h5") as f:
+        assert "optimizer" not in f and "keras_ckpt" in f
+    fresh = tiny_model()
+    ckpt = keras_ckpt.ModelCheckpoint(template, save_optimizer=False, resume=True)
+    hist = fit(fresh, [ckpt], 2)
+    assert hist.epoch == []  # the epoch came back even without the optimizer: nothing left to do
+    for x, y in zip(fresh.weights, model.weights):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+    assert int(fresh.optimizer.iterations.numpy()) == 0  # not saved, so not restored
+
+
+def test_resume_from_a_single_file(tmp_path):
+    fit(tiny_model(), [keras_ckpt.ModelCheckpoint(str(tmp_path / "a" / "c-{epoch}.keras"))], 3)
+    import shutil
+
+    shutil.copy(tmp_path / "a" / "c-2.keras", tmp_path / "loose.keras")  # no manifest beside it
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "b" / "c-{epoch}.keras"),
+                                      resume=str(tmp_path / "loose.keras"))
+    hist = fit(tiny_model(), [ckpt], 4)
+    assert hist.epoch == [2, 3] and ckpt.restored_path == str(tmp_path / "loose.keras")
+    assert names(tmp_path / "b") == ["c-3.keras", "c-4.keras"]
