@@ -26,7 +26,8 @@ $(VENV_TF215)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	rm -rf runs/demo
 	@echo "== run 1: 6 epochs requested, preempted after epoch 3"
-	$(VENV)/bin/python examples/keras_mnist_cnn.py --output runs/demo --epochs 6 --stop-after-epoch 3
+	$(VENV)/bin/python examples/keras_mnist_cnn.py --output runs/demo --epochs 6 --stop-after-epoch 3 \
+		|| echo "== run 1 died with exit code $$? (the simulated preemption)"
 	@echo "== run 2: same command with --resume: continues at epoch 4"
 	$(VENV)/bin/python examples/keras_mnist_cnn.py --output runs/demo --epochs 6 --resume
 	@echo "== what is kept"
