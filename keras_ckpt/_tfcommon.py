@@ -182,19 +182,21 @@ class PrefixSeries:
     ) -> Transaction:
         """Write checkpoint ``basename-number`` with ``write(staged_prefix)`` and commit it.
 
-        The engine renames the files into place, commits the record (files checksummed), prunes;
-        then TF's state file names the new checkpoint.
+        The engine renames the files into place and commits the record (files checksummed);
+        TF's state file then names the new checkpoint, before retention deletes anything.
         """
         self.check_foreign()
         name = f"{self.basename}-{number}"
         main = os.path.join(self.directory, name + ".index")
         # Step-based TF saves have no epochs: epoch 0, step = the global step.
-        with self.engine.transaction(main, epoch=0, step=step, metrics=metrics, pending=pending) as tx:
+        with self.engine.transaction(
+            main, epoch=0, step=step, metrics=metrics, pending=pending,
+            on_commit=lambda record: self.point_state_file(record.name),
+        ) as tx:
             staged = os.path.join(tx.staging_dir(), name)
             write(staged)
             for file_name in _staged_files(staged):
                 tx.adopt(os.path.join(os.path.dirname(staged), file_name), file_name)
-        self.point_state_file(name)
         return tx
 
     # -- TF's state file ----------------------------------------------------------------------

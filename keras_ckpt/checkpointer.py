@@ -100,6 +100,14 @@ class Checkpointer:
                 f"Received: save_freq={save_freq!r}"
             )
         self.save_freq = save_freq
+        if initial_value_threshold is not None:
+            try:
+                initial_value_threshold = float(initial_value_threshold)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    "initial_value_threshold must be a number or None. "
+                    f"Received: initial_value_threshold={initial_value_threshold!r}"
+                ) from None
         if not isinstance(resume, (bool, str, os.PathLike)):
             raise ValueError(
                 "resume must be True, False or a path to a checkpoint file or directory. "
@@ -295,13 +303,15 @@ class Checkpointer:
         metrics = scalar_logs(logs)
         uses_monitor = self.save_best_only or self.engine.policy.keep_best > 0
         if uses_monitor and score(metrics, self.monitor) is None:
-            why = "missing" if self.monitor not in metrics else "NaN"
-            warnings.warn(
-                f"Can save best model only with {self.monitor} available."
-                if why == "missing"
-                else f"{self.monitor} is NaN: this checkpoint is never ranked best.",
-                stacklevel=3,
-            )
+            if self.monitor in metrics:  # NaN: never an improvement (Keras does not save it)
+                if self.save_best_only:
+                    self._say(f"\nEpoch {epoch + 1}: {self.monitor} is NaN, not saving")
+                    return None
+                warnings.warn(f"{self.monitor} is NaN: this checkpoint is never ranked best.",
+                              stacklevel=3)
+            else:  # Keras's text; like Keras it saves anyway
+                warnings.warn(f"Can save best model only with {self.monitor} available.",
+                              stacklevel=3)
         elif self.save_best_only:
             current = metrics[self.monitor]
             best_str = "None" if self.best is None or math.isinf(self.best) else f"{self.best:.5f}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import IO, Any
 
@@ -36,8 +36,10 @@ class Transaction:
         step: int,
         metrics: Mapping[str, Any] | None,
         pending: bool,
+        on_commit: Callable[[Record], None] | None = None,
     ) -> None:
         self._engine = engine
+        self._on_commit = on_commit
         self.path = os.path.abspath(final_path)
         self.name = mf.checkpoint_name(self.path)
         self._epoch, self._step, self._metrics, self._pending = epoch, step, metrics, pending
@@ -126,7 +128,7 @@ class Transaction:
             files=tuple(entries),
             pending=self._pending,
         )
-        self.record, self.deleted = self._engine._commit(record)
+        self.record, self.deleted = self._engine._commit(record, self._on_commit)
 
 
 class Engine:
@@ -231,11 +233,21 @@ class Engine:
         step: int,
         metrics: Mapping[str, Any] | None = None,
         pending: bool = False,
+        on_commit: Callable[[Record], None] | None = None,
     ) -> Transaction:
-        """Begin writing the checkpoint whose main file is ``path`` (inside this directory)."""
-        return Transaction(self, path, epoch=epoch, step=step, metrics=metrics, pending=pending)
+        """Begin writing the checkpoint whose main file is ``path`` (inside this directory).
 
-    def _commit(self, record: Record) -> tuple[Record, list[Record]]:
+        ``on_commit(record)`` runs once the manifest lists the new checkpoint and before
+        retention deletes anything (TF's own state file is re-pointed there, so it never names
+        deleted files).
+        """
+        return Transaction(
+            self, path, epoch=epoch, step=step, metrics=metrics, pending=pending, on_commit=on_commit
+        )
+
+    def _commit(
+        self, record: Record, on_commit: Callable[[Record], None] | None = None
+    ) -> tuple[Record, list[Record]]:
         with storage.directory_lock(self.directory):
             m = mf.load(self.directory)
             m.series[self.series] = self.state
@@ -246,7 +258,13 @@ class Engine:
             value = score(record.metrics, self.policy.monitor)
             if self.is_improvement(value):
                 self.state.best, self.state.best_name = value, record.name
-            deleted = self._apply_retention(m)
+            elif record.name == self.state.best_name:
+                # The best checkpoint's bytes were just replaced by a worse save: no file holds
+                # ``best`` any more (the value stays, as Keras's ``best`` does).
+                self.state.best_name = None
+            deleted = self._apply_retention(
+                m, before_delete=None if on_commit is None else lambda: on_commit(record)
+            )
         committed = self.record_named(record.name)
         return committed or record, deleted
 
@@ -292,7 +310,9 @@ class Engine:
             m.series[self.series] = self.state
             return self._apply_retention(m)
 
-    def _apply_retention(self, m: Manifest) -> list[Record]:
+    def _apply_retention(
+        self, m: Manifest, before_delete: Callable[[], None] | None = None
+    ) -> list[Record]:
         series = m.records(self.series)
         keep = self.policy.retain(series)
         if self.state.best_name is not None and self.state.best_name in {r.name for r in series}:
@@ -310,6 +330,8 @@ class Engine:
         m.checkpoints = kept_records
         mf.save(self.directory, m)
         self._records = m.records(self.series)
+        if before_delete is not None:
+            before_delete()
         still_listed = {f.path for r in m.checkpoints for f in r.files}
         for r in dropped:
             for f in r.files:
@@ -327,18 +349,29 @@ class Engine:
 
 
 def verify(directory: str, record: Record) -> str | None:
-    """None if every file of ``record`` is present with its size and checksum; else why not."""
+    """None if every file of ``record`` is present with its size and checksum; else why not.
+
+    While an overwrite is in flight a file may hold its ``replacing`` version instead; a
+    checkpoint whose files mix committed and incoming versions (a multi-file overwrite cut
+    short) is corrupt.
+    """
+    versions = set()
     for f in record.files:
         path = os.path.join(directory, f.path)
         try:
             digest, size = storage.hash_file(path)
         except FileNotFoundError:
             return f"{f.path} is missing"
-        if f.matches(size, digest):
-            continue
-        if size != f.bytes:
+        if (size, digest) == (f.bytes, f.xxh3_128):
+            versions.add("committed" if f.replacing != (size, digest) else "either")
+        elif (size, digest) == f.replacing:
+            versions.add("incoming")
+        elif size != f.bytes:
             return f"{f.path} has {size} bytes, the manifest says {f.bytes}"
-        return f"{f.path} does not match its checksum"
+        else:
+            return f"{f.path} does not match its checksum"
+    if {"committed", "incoming"} <= versions:
+        return "its files mix two saves (an overwrite was interrupted)"
     return None
 
 

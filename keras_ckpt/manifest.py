@@ -55,9 +55,6 @@ class FileEntry:
     xxh3_128: str
     replacing: tuple[int, str] | None = None
 
-    def matches(self, size: int, digest: str) -> bool:
-        return (size, digest) == (self.bytes, self.xxh3_128) or (size, digest) == self.replacing
-
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": self.path, "bytes": self.bytes, "xxh3_128": self.xxh3_128}
         if self.replacing is not None:

@@ -117,7 +117,8 @@ class RetentionPolicy:
         keep_best: keep the N best by ``monitor``/``mode``. When rotation is on
             (``max_to_keep`` is not None), the single best is protected even with 0, so rotation
             never deletes the best checkpoint.
-        keep_every_n_epochs: keep the newest checkpoint of every epoch divisible by N.
+        keep_every_n_epochs: keep the first checkpoint recorded with an epoch count divisible by
+            N (the end-of-epoch save; mid-epoch saves of the next epoch carry the same count).
         keep_every_n_hours: keep one checkpoint per N hours, spaced by the records' wall-clock
             ``time`` (so the spacing survives restarts): walking oldest first, the first record is
             kept and then each first one at least N hours after the previous kept one.
@@ -172,11 +173,13 @@ class RetentionPolicy:
             keep(name, BEST)
 
         if self.keep_every_n_epochs:
-            newest_of_epoch: dict[int, str] = {}
+            first_of_epoch: dict[int, str] = {}
             for r in records:
                 if r.epoch > 0 and r.epoch % self.keep_every_n_epochs == 0:
-                    newest_of_epoch[r.epoch] = r.name
-            for name in newest_of_epoch.values():
+                    # The first record of an epoch count is its end-of-epoch save; mid-epoch saves
+                    # of the next epoch carry the same count.
+                    first_of_epoch.setdefault(r.epoch, r.name)
+            for name in first_of_epoch.values():
                 keep(name, EVERY_N_EPOCHS)
 
         if self.keep_every_n_hours:

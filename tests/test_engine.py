@@ -229,3 +229,24 @@ def test_overwrite_interrupted_between_rename_and_commit_still_verifies(tmp_path
     assert "does not match" in verify(str(tmp_path), record) or "bytes" in verify(str(tmp_path), record)
     save(e, 2, 0.4, payload=b"final")
     assert mf.load(str(tmp_path)).checkpoints[0].files[0].replacing is None
+
+
+def test_multi_file_overwrite_cut_short_is_corrupt(tmp_path):
+    import xxhash
+
+    from keras_ckpt.manifest import FileEntry
+
+    e = make_engine(tmp_path, "m.index")
+    with e.transaction(str(tmp_path / "m.index"), epoch=1, step=1) as tx:
+        for name in ("m.index", "m.data-00000-of-00001"):
+            with tx.open(name) as f:
+                f.write(b"old " + name.encode())
+    incoming = {n: b"new " + n.encode() for n in ("m.index", "m.data-00000-of-00001")}
+    e._announce_replacements(
+        [FileEntry(n, len(b), xxhash.xxh3_128_hexdigest(b)) for n, b in incoming.items()])
+    record = mf.load(str(tmp_path)).checkpoints[0]
+    assert verify(str(tmp_path), record) is None  # all old
+    (tmp_path / "m.index").write_bytes(incoming["m.index"])  # killed after the first rename
+    assert "mix two saves" in verify(str(tmp_path), record)
+    (tmp_path / "m.data-00000-of-00001").write_bytes(incoming["m.data-00000-of-00001"])
+    assert verify(str(tmp_path), record) is None  # all new
