@@ -27,7 +27,7 @@ from keras_ckpt import manifest as mf
 from keras_ckpt import storage
 from keras_ckpt.engine import Engine, Transaction
 from keras_ckpt.manifest import Record
-from keras_ckpt.policy import RetentionPolicy, resolve_mode, score
+from keras_ckpt.policy import RetentionPolicy, resolve_mode, score, undecidable_mode
 
 STATE_FILE = "checkpoint"
 
@@ -47,10 +47,7 @@ def build_policy(
         raise ValueError(f"monitor must be a non-empty string or None. Received: monitor={monitor!r}")
     resolved = resolve_mode(mode, monitor)
     if resolved is None:
-        raise ValueError(
-            f"mode='auto' cannot tell whether monitor={monitor!r} should be minimized or "
-            "maximized. Pass mode='min' or mode='max'. Received: mode='auto'"
-        )
+        raise undecidable_mode(monitor)
     policy = RetentionPolicy(
         max_to_keep=max_to_keep,
         keep_best=keep_best,

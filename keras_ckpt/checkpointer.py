@@ -27,6 +27,7 @@ from keras_ckpt.policy import (
     resolve_mode,
     resolve_preset,
     score,
+    undecidable_mode,
     validate_positive_number,
 )
 
@@ -203,10 +204,7 @@ class Checkpointer:
         if mode is None and infer_mode is not None:
             mode = infer_mode()
         if mode is None:
-            raise ValueError(
-                f"mode='auto' cannot tell whether monitor={self.monitor!r} should be minimized or "
-                "maximized. Pass mode='min' or mode='max'. Received: mode='auto'"
-            )
+            raise undecidable_mode(self.monitor)
         self.engine.set_policy(replace(self.engine.policy, mode=mode))
         self._last_save = time.monotonic()
         self._last_batch_seen = None

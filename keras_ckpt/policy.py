@@ -66,6 +66,14 @@ def resolve_mode(mode: str, monitor: str | None) -> str | None:
     return None
 
 
+def undecidable_mode(monitor: str | None) -> ValueError:
+    """The error for a ``mode="auto"`` whose direction neither the name nor the metrics tell."""
+    return ValueError(
+        f"mode='auto' cannot tell whether monitor={monitor!r} should be minimized or "
+        "maximized. Pass mode='min' or mode='max'. Received: mode='auto'"
+    )
+
+
 def score(metrics: Mapping[str, Any] | None, monitor: str | None) -> float | None:
     """The record's monitored value, or None when it is missing or not a finite-or-inf number.
 
