@@ -1,14 +1,19 @@
 """Synchronous checkpoint save throughput: keras_ckpt's writers against stock Keras and raw disk.
 
-    python benchmarks/save_throughput.py [--params 50e6] [--repeats 5] [--backend tensorflow]
+    python benchmarks/save_throughput.py [--params 50e6] [--repeats 7] [--pause 3] [--backend tensorflow]
 
-Every measurement runs until the bytes are on disk (the call, then fsync) and writes a new file
-(the previous one of the same row is deleted first, outside the timing). Rows are interleaved
-round by round, in a rotating order, after one untimed warm-up round, so a noisy neighbour or a
-slow disk phase hits every row alike; the table shows medians. "ratio" is the row's throughput
-over raw ``write`` + ``fsync`` of a buffer as large as our ``.keras`` file. Our writers start
-the disk on each 16 MiB as they go (see ``keras_ckpt.storage.EarlyWriteback``), which plain write +
-fsync does not; the second row shows raw bytes written that way, for reference.
+Every measurement runs until the bytes are on disk (the call, then fsync). Each save is timed
+the way checkpoints are written in training: into a new file while the row's previous
+checkpoint still exists (it is deleted after the timing, as rotation does), after a pause
+(``--pause`` seconds) that stands for the training between two saves. The pause matters on VMs
+whose host reclaims the guest's idle free memory: a write into page-cache pages nobody touched
+for a few seconds costs a host page fault per page (see ``keras_ckpt.storage.EarlyWriteback``).
+``--pause 0`` gives back-to-back saves. Rows are interleaved round by round, in a rotating
+order, after one untimed warm-up round, so a noisy neighbour or a slow disk phase hits every
+row alike; the table shows medians. "ratio" is the row's throughput over raw ``write`` +
+``fsync`` of a buffer as large as our ``.keras`` file. The second row writes the same raw bytes
+through keras_ckpt's output path (disk started per 16 MiB, pages dropped behind the write):
+the ceiling for any writer here.
 
 To add a row, write one function ``(bench, path) -> None`` and decorate it with ``@row``.
 """
@@ -37,6 +42,7 @@ class Bench:
     raw: memoryview
     state: bytes
     callbacks: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0  # the round being timed: engine rows save it as their epoch
 
 
 @dataclass
@@ -44,17 +50,17 @@ class Row:
     label: str
     suffix: str
     fn: Callable[[Bench, str], None]
-    fsync: bool  # False for rows whose save fsyncs by itself (the engine does)
+    engine: bool  # the save fsyncs, names and rotates its files by itself
 
 
 ROWS: list[Row] = []
 
 
-def row(label: str, suffix: str, fsync: bool = True) -> Callable:
+def row(label: str, suffix: str, engine: bool = False) -> Callable:
     """Register a timed row: ``fn(bench, path)`` writes one checkpoint to ``path``."""
 
     def register(fn: Callable[[Bench, str], None]) -> Callable[[Bench, str], None]:
-        ROWS.append(Row(label, suffix, fn, fsync))
+        ROWS.append(Row(label, suffix, fn, engine))
         return fn
 
     return register
@@ -71,7 +77,7 @@ def raw_write(bench: Bench, path: str) -> None:
         os.close(fd)
 
 
-@row("raw write, writeback started per 16 MiB, + fsync", ".bin")
+@row("raw write through keras_ckpt's output path + fsync", ".bin")
 def raw_write_early(bench: Bench, path: str) -> None:
     """The same bytes through our writers' output path: what the disk allows at best."""
     from keras_ckpt import storage
@@ -105,38 +111,44 @@ def stock_weights(bench: Bench, path: str) -> None:
 
 
 def _engine_save(bench: Bench, path: str, **kwargs: Any) -> None:
-    """One save through the whole pipeline: write, checksum, fsync, rename, manifest commit."""
+    """One whole on_epoch_end: write, checksum, fsync, rename, manifest commit, rotation.
+
+    ``path`` is the name this round's file gets from the callback's ``{epoch}`` template; the
+    improving loss makes each save the best, so rotation (max_to_keep=1) deletes the previous.
+    """
     import keras_ckpt
 
-    ckpt = bench.callbacks.get(path)
+    template = path.replace(f"-{bench.epoch + 1:03d}.", "-{epoch:03d}.")
+    ckpt = bench.callbacks.get(template)
     if ckpt is None:
-        ckpt = keras_ckpt.ModelCheckpoint(path, monitor="loss", **kwargs)
+        ckpt = keras_ckpt.ModelCheckpoint(
+            template, monitor="loss", max_to_keep=1, keep_best=1, **kwargs
+        )
         ckpt.set_model(bench.model)
         ckpt.on_train_begin()
-        bench.callbacks[path] = ckpt
-    ckpt.on_epoch_end(0, {"loss": 1.0})
+        bench.callbacks[template] = ckpt
+    ckpt.on_epoch_end(bench.epoch, {"loss": 1.0 / (bench.epoch + 1)})
 
 
-@row("keras_ckpt.ModelCheckpoint (.keras)", ".keras", fsync=False)
+@row("keras_ckpt.ModelCheckpoint (.keras)", ".keras", engine=True)
 def full_checkpoint_keras(bench: Bench, path: str) -> None:
     _engine_save(bench, path)
 
 
-@row("keras_ckpt.ModelCheckpoint (.weights.h5)", ".weights.h5", fsync=False)
+@row("keras_ckpt.ModelCheckpoint (.weights.h5)", ".weights.h5", engine=True)
 def full_checkpoint_weights(bench: Bench, path: str) -> None:
     _engine_save(bench, path, save_weights_only=True)
 
 
-def _timed(entry: Row, bench: Bench, path: str) -> tuple[float, int]:
+def _timed(entry: Row, bench: Bench, path: str, pause: float) -> tuple[float, int]:
     from keras_ckpt import storage
 
-    if os.path.exists(path):
-        os.unlink(path)
     gc.collect()
     os.sync()  # start from a clean disk queue: no row pays for the previous row's writeback
+    time.sleep(pause)
     start = time.perf_counter()
     entry.fn(bench, path)
-    if entry.fsync:
+    if not entry.engine:
         storage.fsync_path(path)
     return time.perf_counter() - start, os.path.getsize(path)
 
@@ -159,7 +171,10 @@ def _build_model(params: float, width: int) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=50e6, help="model parameters (~)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (median)")
+    parser.add_argument(
+        "--pause", type=float, default=3.0, help="seconds of idle before each save (training)"
+    )
     parser.add_argument("--width", type=int, default=2048, help="Dense layer width")
     parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "tensorflow"))
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
@@ -186,15 +201,22 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(ROWS)
         times: dict[str, list[float]] = {r.label: [] for r in rows}
         sizes: dict[str, int] = {}
+        previous: dict[str, str] = {}
         for round_ in range(args.repeats + 1):  # round 0 warms up and is not counted
             shift = round_ % len(rows)
+            bench.epoch = round_
             for entry in rows[shift:] + rows[:shift]:
-                path = os.path.join(directory, f"row{ROWS.index(entry)}{entry.suffix}")
+                path = os.path.join(
+                    directory, f"row{ROWS.index(entry)}-{round_ + 1:03d}{entry.suffix}"
+                )
                 try:
-                    seconds, size = _timed(entry, bench, path)
+                    seconds, size = _timed(entry, bench, path, args.pause)
                 except NotImplementedError:
                     rows.remove(entry)
                     continue
+                if not entry.engine and entry.label in previous:
+                    os.unlink(previous[entry.label])  # rotation, outside the timing
+                previous[entry.label] = path
                 if round_:
                     times[entry.label].append(seconds)
                 sizes[entry.label] = size
@@ -203,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"keras {keras.__version__}, backend {args.backend}, {n_params / 1e6:.1f}M params "
-        f"+ Adam, {args.repeats} rounds (median), {os.cpu_count()} CPUs"
+        f"+ Adam, {args.repeats} rounds (median), {args.pause:g} s pause, {os.cpu_count()} CPUs"
     )
     raw_label = ROWS[0].label
     raw_rate = sizes[raw_label] / statistics.median(times[raw_label])

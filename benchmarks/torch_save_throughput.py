@@ -8,13 +8,18 @@ slots). Every method ends with its bytes on disk (fsync):
 - torch.save + fsync: ``torch.save(state, f)`` of the same dict, then fsync.
 - keras_ckpt.torch: ``ModelCheckpoint.on_epoch_end``: state capture, torch's zip format,
   xxh3-128 checksum, fsync, rename, directory fsync, manifest commit.
-- raw, early writeback: the raw write in 64 MiB slices with the shim's early writeback (disk
-  writes start while the rest is still being written), to show what that part is worth alone.
+- raw, early writeback: the raw write through the shim's output path
+  (``keras_ckpt.storage.EarlyWriteback``: disk started per 16 MiB, pages dropped behind the
+  write), to show what that part is worth alone.
 
-Each method's previous file is deleted after its timed call, outside the timing (unlinking
-600 MB is slow on a filesystem mounted with online discard, and is the same for all three).
+Each save writes a new file while the method's previous one still exists, as checkpointing
+does; the previous file is deleted after the timed call, outside the timing (unlinking 600 MB
+is slow on a filesystem mounted with online discard, and is the same for all). Each timed call
+follows ``--pause`` idle seconds, standing for the training between two saves: on VMs whose
+host reclaims idle free memory, writes into pages untouched for seconds are several times
+slower (see ``keras_ckpt.storage.EarlyWriteback``).
 
-    python benchmarks/torch_save_throughput.py [--params 50e6] [--repeats 7] [--dir DIR] [--device cuda]
+    python benchmarks/torch_save_throughput.py [--params 50e6] [--repeats 7] [--pause 3] [--dir DIR] [--device cuda]
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=float, default=50e6, help="model parameters (Adam adds 2x)")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--pause", type=float, default=3.0, help="idle seconds before each save")
     ap.add_argument("--dir", help="where to write (default: a temporary directory, removed)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -101,6 +107,8 @@ def main() -> None:
             for name in names[i % len(names):] + names[: i % len(names)]:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
+                os.sync()
+                time.sleep(args.pause)
                 start = time.perf_counter()
                 path = methods[name](i)
                 times[name].append(time.perf_counter() - start)

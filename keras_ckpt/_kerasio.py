@@ -412,20 +412,30 @@ def _segments(
 
 
 def write_weights_h5(
-    model: Any, path: str, *, state: bytes, include_optimizer: bool = True
+    model: Any, fileobj_or_path: str | os.PathLike[str] | IO[bytes], *, state: bytes,
+    include_optimizer: bool = True,
 ) -> None:
     """Write ``model``'s weights (and optimizer variables) as a Keras ``.weights.h5`` file.
 
     The file loads with ``model.load_weights(path)`` exactly as one from ``save_weights``
     (build the optimizer first for its variables to load, or use :func:`load_into`), and
-    carries ``state`` under :data:`STATE_GROUP`. Written front to back in one pass; not
-    fsynced: the caller does that.
+    carries ``state`` under :data:`STATE_GROUP`. Written strictly front to back in one pass,
+    from the start of a given file object (flushed, not closed) or into a path. Not fsynced:
+    the caller does that.
     """
     segments = _segments(model, include_optimizer, state, assets_dir=None)
-    with open(path, "wb", buffering=0) as raw:
-        out = storage.EarlyWriteback(raw)
-        for segment in segments:
-            out.write(segment)
+    if isinstance(fileobj_or_path, (str, os.PathLike)):
+        with open(fileobj_or_path, "wb", buffering=0) as raw:
+            _write_segments(raw, segments)
+    else:
+        _write_segments(fileobj_or_path, segments)
+        fileobj_or_path.flush()
+
+
+def _write_segments(raw: IO[bytes], segments: list[memoryview]) -> None:
+    out = storage.EarlyWriteback(raw)
+    for segment in segments:
+        out.write(segment)
 
 
 def _dos_time(now: float) -> tuple[int, int]:

@@ -195,7 +195,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             )
         elif path.endswith(".weights.h5"):
             _kerasio.write_weights_h5(
-                self.model, tx.temp_path(), state=blob, include_optimizer=include_optimizer
+                self.model, tx.open(), state=blob, include_optimizer=include_optimizer
             )
         else:  # legacy .h5: Keras's own writer, then our state group beside its data
             tmp = tx.temp_path()

@@ -1,0 +1,107 @@
+"""The output path every front-end's writer streams through: bytes, checksum, page-cache use."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from keras_ckpt import storage
+
+MB = 1 << 20
+
+
+def _filesystem_type(path: str) -> str:
+    best, fstype = "", ""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, mountpoint, kind = line.split()[:3]
+            if os.path.realpath(path).startswith(mountpoint) and len(mountpoint) > len(best):
+                best, fstype = mountpoint, kind
+    return fstype
+
+
+def _resident_bytes(path: str) -> int:
+    """How much of ``path`` the page cache holds (mincore over a read-only mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
+def _payload(size: int) -> np.ndarray:
+    return np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+
+
+def test_streamed_checkpoint_is_exact_and_hashed_as_written(tmp_path):
+    data = _payload(40 * MB + 12345)  # not a whole number of chunks or pages
+    path = tmp_path / "ck.bin"
+    with open(path, "w+b") as raw:
+        hashing = storage.HashingWriter(raw)
+        out = storage.EarlyWriteback(hashing)
+        for start in range(0, data.size, 3 * MB + 7):  # writes that straddle chunk borders
+            out.write(memoryview(data)[start : start + 3 * MB + 7])
+        out.flush()
+        os.fsync(raw.fileno())
+    assert path.read_bytes() == data.tobytes()
+    assert (hashing.digest(), hashing.size) == storage.hash_file(str(path))
+
+
+def test_writer_that_seeks_back_still_gets_its_bytes(tmp_path):
+    data = _payload(50 * MB)
+    path = tmp_path / "ck.bin"
+    with open(path, "w+b") as raw:
+        hashing = storage.HashingWriter(raw)
+        out = storage.EarlyWriteback(hashing)
+        out.write(data)  # the early part is on disk and out of the cache by now
+        hashing.seek(4096)
+        out.write(b"header rewritten")
+        hashing.seek(0, os.SEEK_END)
+        out.write(b"tail")
+        out.flush()
+    expected = bytearray(data.tobytes())
+    expected[4096 : 4096 + 16] = b"header rewritten"
+    assert path.read_bytes() == bytes(expected) + b"tail"
+    assert hashing.digest() is None  # the engine hashes such a file again after it is written
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or storage._SYNC_FILE_RANGE is None,
+    reason="sync_file_range and mincore are Linux's",
+)
+def test_a_saved_checkpoint_does_not_stay_in_the_page_cache(tmp_path):
+    if _filesystem_type(str(tmp_path)) in ("tmpfs", "ramfs"):
+        pytest.skip("a RAM filesystem's pages are the file itself")
+    data = _payload(160 * MB)
+    plain, streamed = tmp_path / "plain.bin", tmp_path / "streamed.bin"
+    with open(plain, "wb", buffering=0) as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    with open(streamed, "wb", buffering=0) as f:
+        storage.EarlyWriteback(f).write(data)
+        os.fsync(f.fileno())
+    if _resident_bytes(str(plain)) < 120 * MB:
+        pytest.skip("this machine evicts freshly written pages by itself (memory pressure)")
+    # At most the chunks behind the one being written stay cached (2 x 16 MiB, plus the last).
+    assert _resident_bytes(str(streamed)) <= 3 * 16 * MB
+    assert streamed.read_bytes() == plain.read_bytes()
