@@ -2,9 +2,10 @@
 
     python benchmarks/save_throughput.py [--params 50e6] [--repeats 7] [--pause 3] [--backend tensorflow]
 
-Every measurement runs until the bytes are on disk (the call, then fsync). Each save is timed
-the way checkpoints are written in training: into a new file while the row's previous
-checkpoint still exists (it is deleted after the timing, as rotation does), after a pause
+Every measurement runs until the bytes are on disk (the call, then fsync; for keras_ckpt's
+callback, until its manifest is committed). Each save is timed the way checkpoints are written
+in training: into a new file while the row's previous checkpoint still exists (deleted after
+the timing; one extra row times a callback whose rotation deletes it), after a pause
 (``--pause`` seconds) that stands for the training between two saves. The pause matters on VMs
 whose host reclaims the guest's idle free memory: a write into page-cache pages nobody touched
 for a few seconds costs a host page fault per page (see ``keras_ckpt.storage.EarlyWriteback``).
@@ -13,7 +14,7 @@ order, after one untimed warm-up round, so a noisy neighbour or a slow disk phas
 row alike; the table shows medians. "ratio" is the row's throughput over raw ``write`` +
 ``fsync`` of a buffer as large as our ``.keras`` file. The second row writes the same raw bytes
 through keras_ckpt's output path (disk started per 16 MiB, pages dropped behind the write):
-the ceiling for any writer here.
+the ceiling for any writer here; "x path" is the row's throughput over that row's.
 
 To add a row, write one function ``(bench, path) -> None`` and decorate it with ``@row``.
 """
@@ -50,17 +51,18 @@ class Row:
     label: str
     suffix: str
     fn: Callable[[Bench, str], None]
-    engine: bool  # the save fsyncs, names and rotates its files by itself
+    engine: bool  # the save fsyncs by itself (and names its file from its template)
+    rotates: bool  # the save deletes its previous file itself (else the harness does, untimed)
 
 
 ROWS: list[Row] = []
 
 
-def row(label: str, suffix: str, engine: bool = False) -> Callable:
+def row(label: str, suffix: str, engine: bool = False, rotates: bool = False) -> Callable:
     """Register a timed row: ``fn(bench, path)`` writes one checkpoint to ``path``."""
 
     def register(fn: Callable[[Bench, str], None]) -> Callable[[Bench, str], None]:
-        ROWS.append(Row(label, suffix, fn, engine))
+        ROWS.append(Row(label, suffix, fn, engine, rotates))
         return fn
 
     return register
@@ -77,7 +79,7 @@ def raw_write(bench: Bench, path: str) -> None:
         os.close(fd)
 
 
-@row("raw write through keras_ckpt's output path + fsync", ".bin")
+@row("raw write via keras_ckpt's output path + fsync", ".bin")
 def raw_write_early(bench: Bench, path: str) -> None:
     """The same bytes through our writers' output path: what the disk allows at best."""
     from keras_ckpt import storage
@@ -111,10 +113,12 @@ def stock_weights(bench: Bench, path: str) -> None:
 
 
 def _engine_save(bench: Bench, path: str, **kwargs: Any) -> None:
-    """One whole on_epoch_end: write, checksum, fsync, rename, manifest commit, rotation.
+    """One whole ``on_epoch_end``: write, checksum, fsync, rename, manifest commit (, rotation).
 
-    ``path`` is the name this round's file gets from the callback's ``{epoch}`` template; the
-    improving loss makes each save the best, so rotation (max_to_keep=1) deletes the previous.
+    ``path`` is the name this round's file gets from the callback's ``{epoch}`` template. Without
+    rotation the harness deletes the previous file after the timing, as for every other row
+    (the manifest then lists a missing file, which no save reads). With ``max_to_keep=1`` the
+    improving loss makes each save the best, so rotation deletes the previous one, timed.
     """
     import keras_ckpt
 
@@ -122,7 +126,7 @@ def _engine_save(bench: Bench, path: str, **kwargs: Any) -> None:
     ckpt = bench.callbacks.get(template)
     if ckpt is None:
         ckpt = keras_ckpt.ModelCheckpoint(
-            template, monitor="loss", max_to_keep=1, keep_best=1, **kwargs
+            template, monitor="loss", **kwargs
         )
         ckpt.set_model(bench.model)
         ckpt.on_train_begin()
@@ -138,6 +142,11 @@ def full_checkpoint_keras(bench: Bench, path: str) -> None:
 @row("keras_ckpt.ModelCheckpoint (.weights.h5)", ".weights.h5", engine=True)
 def full_checkpoint_weights(bench: Bench, path: str) -> None:
     _engine_save(bench, path, save_weights_only=True)
+
+
+@row("  the same, max_to_keep=1 (its rotation timed)", ".weights.h5", engine=True, rotates=True)
+def full_checkpoint_rotating(bench: Bench, path: str) -> None:
+    _engine_save(bench, path, save_weights_only=True, max_to_keep=1, keep_best=1)
 
 
 def _timed(entry: Row, bench: Bench, path: str, pause: float) -> tuple[float, int]:
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 except NotImplementedError:
                     rows.remove(entry)
                     continue
-                if not entry.engine and entry.label in previous:
+                if not entry.rotates and entry.label in previous:
                     os.unlink(previous[entry.label])  # rotation, outside the timing
                 previous[entry.label] = path
                 if round_:
@@ -227,15 +236,20 @@ def main(argv: list[str] | None = None) -> int:
         f"keras {keras.__version__}, backend {args.backend}, {n_params / 1e6:.1f}M params "
         f"+ Adam, {args.repeats} rounds (median), {args.pause:g} s pause, {os.cpu_count()} CPUs"
     )
-    raw_label = ROWS[0].label
+    raw_label, path_label = ROWS[0].label, ROWS[1].label
     raw_rate = sizes[raw_label] / statistics.median(times[raw_label])
-    print(f"{'row':48} {'MB':>7} {'median s':>9} {'min s':>7} {'GB/s':>6} {'ratio':>6}")
+    path_rate = sizes[path_label] / statistics.median(times[path_label])
+    print(
+        f"{'row':48} {'MB':>7} {'median s':>9} {'min s':>7} {'GB/s':>6} {'ratio':>6} "
+        f"{'x path':>6}"
+    )
     for entry in rows:
         median = statistics.median(times[entry.label])
         rate = sizes[entry.label] / median
         print(
             f"{entry.label:48} {sizes[entry.label] / 1e6:7.1f} {median:9.3f} "
-            f"{min(times[entry.label]):7.3f} {rate / 1e9:6.2f} {rate / raw_rate:6.2f}"
+            f"{min(times[entry.label]):7.3f} {rate / 1e9:6.2f} {rate / raw_rate:6.2f} "
+            f"{rate / path_rate:6.2f}"
         )
     return 0
 

@@ -19,7 +19,8 @@ follows ``--pause`` idle seconds, standing for the training between two saves: o
 host reclaims idle free memory, writes into pages untouched for seconds are several times
 slower (see ``keras_ckpt.storage.EarlyWriteback``).
 
-    python benchmarks/torch_save_throughput.py [--params 50e6] [--repeats 7] [--pause 3] [--dir DIR] [--device cuda]
+    python benchmarks/torch_save_throughput.py [--params 50e6] [--repeats 7] [--pause 3]
+                                               [--dir DIR] [--device cuda]
 """
 
 from __future__ import annotations
