@@ -158,6 +158,7 @@ class Checkpointer:
             self.filepath, framework=framework, policy=policy, initial_best=initial_value_threshold
         )
         self.restored_path: str | None = None
+        self._began = False
         self.restored_state: dict | None = None
         self.epochs_done = 0
         self.start_batch = 0
@@ -209,7 +210,10 @@ class Checkpointer:
         self._last_save = time.monotonic()
         self._last_batch_seen = None
         self._batches_since_save = 0
+        first_begin, self._began = not self._began, True
         if self.resume is False:
+            if first_begin and self.engine.records:
+                self._warn_earlier_run()
             return None
         if self.resume is True:
             if self.engine.has_foreign_checkpoints():
@@ -223,6 +227,18 @@ class Checkpointer:
             return self.engine.path_of(record) if record else None
         path, _ = locate(os.fspath(self.resume), series=self.engine.series)
         return path
+
+    def _warn_earlier_run(self) -> None:
+        """A new run into a series with checkpoints, without resume: usually a forgotten flag."""
+        records = self.engine.records
+        best = "" if self.engine.best is None else f" (best {self.monitor} so far: {self.engine.best:g})"
+        warnings.warn(
+            f"resume=False, but {self.engine.directory} already holds {len(records)} checkpoint(s) "
+            f"of this filepath from an earlier run, the newest {records[-1].name!r}{best}. They "
+            "stay in this series' rotation and best-N, and save_best_only compares against that "
+            "best. Pass resume=True to continue that run, or another filepath for a new one.",
+            stacklevel=4,
+        )
 
     def restored(self, path: str, state: Mapping[str, Any] | None) -> None:
         """Adopt the training state loaded from ``path`` (epoch, step, RNG, best)."""

@@ -63,6 +63,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             verifies and continue at the next epoch (``fit(epochs=N)`` trains the remaining ones;
             no checkpoint yet: start fresh). A path: restore from that file or directory (e.g. a
             read-only copy of an earlier job's output) and write new checkpoints to ``filepath``.
+            ``False`` starts fresh, with a warning if ``filepath`` already has checkpoints from an
+            earlier run (they stay in its rotation and best-N).
         preset: ``"short"`` (keep latest 1 + best 1), ``"normal"`` (latest 10 + best 1) or
             ``"long"`` (save every 5 epochs or hourly, keep latest 20 + best 3 + one per day);
             it fills in only the arguments you did not pass.

@@ -108,7 +108,9 @@ class ModelCheckpoint(CheckpointAttributes):
         save_every_n_seconds: also save when this many seconds passed since the last save.
         resume: `True`: `on_train_begin` restores the newest checkpoint of `filepath`'s directory
             that passes its checksum (starting fresh if there is none); a path: restore from that
-            file or directory and write new checkpoints to `filepath`.
+            file or directory and write new checkpoints to `filepath`. `False` starts fresh, with
+            a warning if `filepath` already has checkpoints from an earlier run (they stay in
+            its rotation and best-N).
         preset: `"short"`, `"normal"` or `"long"`; fills in only the arguments not passed.
         strict: whether model keys missing from or unexpected in a checkpoint, and objects
             given here (`optimizer`, `scheduler`, `extra` entries) that it holds no state for,

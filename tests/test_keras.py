@@ -147,6 +147,20 @@ def test_save_best_only_after_restart_does_not_overwrite_a_better_best(tmp_path)
     assert (tmp_path / "best.keras").read_bytes() == before and b.best == 0.9
 
 
+def test_a_new_run_without_resume_over_earlier_checkpoints_warns(tmp_path):
+    template = str(tmp_path / "ck-{epoch:02d}.keras")
+    first = keras_ckpt.ModelCheckpoint(template, monitor="score", mode="max", max_to_keep=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tiny_model(), [Script([0.3, 0.9, 0.5]), first], 3)
+        fit(first.model, [Script([0] * 5), first], 5, initial_epoch=3)  # same run, same process
+    assert not [w for w in caught if "resume=False" in str(w.message)]
+    again = keras_ckpt.ModelCheckpoint(template, monitor="score", mode="max", max_to_keep=2)
+    with pytest.warns(UserWarning, match=r"resume=False, but .* 3 checkpoint\(s\) .*'ck-05'"
+                      r".*best score so far: 0\.9.*resume=True"):
+        fit(tiny_model(), [Script([0.1]), again], 1)
+
+
 def test_resume_from_a_read_only_copy_writes_elsewhere_and_carries_best(tmp_path):
     src = tmp_path / "old"
     a = keras_ckpt.ModelCheckpoint(str(src / "ck-{epoch}.keras"), monitor="score", mode="max")

@@ -91,6 +91,20 @@ def test_mid_epoch_checkpoint_sets_start_batch_and_keeps_the_schedule(tmp_path):
     assert again.checkpoints[-1].step == 12
 
 
+def test_a_new_run_without_resume_over_earlier_checkpoints_warns(tmp_path):
+    template = str(tmp_path / "c-{epoch}.pt")
+    model = tiny()
+    ckpt = ModelCheckpoint(template, model=model, optimizer=adam_after_one_step(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty directory: nothing to warn about
+        ckpt.on_train_begin()
+    ckpt.on_epoch_end(0, logs={"val_loss": 0.5})
+    again = ModelCheckpoint(template, model=model, optimizer=adam_after_one_step(model))
+    with pytest.warns(UserWarning, match=r"resume=False, but .* 1 checkpoint\(s\).*'c-1'.*"
+                      r"best val_loss so far: 0\.5.*resume=True"):
+        assert again.on_train_begin() == 0
+
+
 def test_step_comes_from_the_optimizer_without_batch_calls(tmp_path):
     model = tiny()
     opt = torch.optim.Adam(model.parameters())
