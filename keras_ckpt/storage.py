@@ -13,9 +13,11 @@ import ctypes
 import io
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from typing import IO, Callable
 
@@ -235,9 +237,44 @@ class HashingWriter(io.RawIOBase):
         return self._size
 
 
+# A writer's identity in its temporary names: host, pid and the pid's start time. The pid alone
+# misleads a sweep twice over: a container restarted after preemption often gets its
+# predecessor's pid (its leftovers would look live forever), and on a shared filesystem another
+# host's live pid means nothing here (its work in flight would look dead).
+_OTHER_HOSTS_STALE_SECONDS = 24 * 3600
+_identities: dict[int, str] = {}
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (Linux: clock ticks since boot), or None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 2 (the command) may hold spaces and parentheses: count from its closing one. The
+    # first field after it is field 3; start time is field 22.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def _host_tag(host: str | None = None) -> str:
+    return xxhash.xxh3_64_hexdigest((host or socket.gethostname()).encode())[:8]
+
+
+def writer_identity(pid: int | None = None, host: str | None = None) -> str:
+    """The identity a writer's temporary names carry (this process's by default)."""
+    if pid is None and host is None:
+        pid = os.getpid()  # looked up each time: a forked child is another writer
+        if pid not in _identities:
+            _identities[pid] = writer_identity(pid, socket.gethostname())
+        return _identities[pid]
+    pid = os.getpid() if pid is None else pid
+    return f"{_host_tag(host)}.{pid}.{_start_ticks(pid) or 0}"
+
+
 def _prefix() -> str:
-    # The writer's pid in the name lets a sweep tell a dead writer's leftovers from live work.
-    return f"{TMP_PREFIX}-{os.getpid()}-"
+    return f"{TMP_PREFIX}-{writer_identity()}-"
 
 
 def temp_path(directory: str, final_name: str) -> str:
@@ -285,18 +322,47 @@ def remove_quietly(path: str) -> None:
 
 
 def sweep_temporaries(directory: str) -> None:
-    """Remove the temporary files that writers which have since died left behind."""
+    """Remove the temporary files that writers which have since died left behind.
+
+    On this host a writer is dead when its pid is gone or now belongs to a process that started
+    later. Another host's leftovers (a shared filesystem) go once untouched for a day.
+    """
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return
+    mine, host = writer_identity(), _host_tag()
     for name in names:
         if not name.startswith(TMP_PREFIX + "-"):
             continue
-        pid = name[len(TMP_PREFIX) + 1 :].split("-", 1)[0]
-        if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+        identity = name[len(TMP_PREFIX) + 1 :].split("-", 1)[0]
+        path = os.path.join(directory, name)
+        if identity == mine or not _is_leftover(identity, host, path):
             continue
-        remove_quietly(os.path.join(directory, name))
+        remove_quietly(path)
+
+
+def _is_leftover(identity: str, host: str, path: str) -> bool:
+    parts = identity.split(".")
+    if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and parts[2].isdigit():
+        pid, ticks = int(parts[1]), int(parts[2])
+        if not _pid_alive(pid):
+            return True
+        now = _start_ticks(pid)
+        return ticks != 0 and now is not None and now != ticks
+    return time.time() - _last_modified(path) > _OTHER_HOSTS_STALE_SECONDS
+
+
+def _last_modified(path: str) -> float:
+    """The newest mtime of ``path`` and, for a directory, of everything in it."""
+    newest = 0.0
+    with contextlib.suppress(FileNotFoundError):
+        newest = os.stat(path).st_mtime
+        for root, _, files in os.walk(path):
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, os.stat(os.path.join(root, f)).st_mtime)
+    return newest
 
 
 def ensure_directory(directory: str, argname: str, value: str) -> None:

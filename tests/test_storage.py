@@ -5,7 +5,10 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import socket
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -105,3 +108,48 @@ def test_a_saved_checkpoint_does_not_stay_in_the_page_cache(tmp_path):
     # At most the chunks behind the one being written stay cached (2 x 16 MiB, plus the last).
     assert _resident_bytes(str(streamed)) <= 3 * 16 * MB
     assert streamed.read_bytes() == plain.read_bytes()
+
+
+def _leftover(directory, identity: str, *, age_days: float = 0) -> str:
+    path = os.path.join(directory, f"{storage.TMP_PREFIX}-{identity}-x1y2-ck-001.keras")
+    with open(path, "wb") as f:
+        f.write(b"half a checkpoint")
+    if age_days:
+        then = time.time() - age_days * 86400
+        os.utime(path, (then, then))
+    return os.path.basename(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="start times come from /proc")
+def test_sweep_tells_dead_writers_from_live_ones(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    try:
+        host = socket.gethostname()
+        me = os.getpid()
+        names = {
+            "mine": _leftover(tmp_path, storage.writer_identity()),
+            "live writer": _leftover(tmp_path, storage.writer_identity(live.pid, host)),
+            "dead writer": _leftover(tmp_path, storage.writer_identity(done.pid, host)),
+            # A container restarted after preemption: same host, same pid, a later start time.
+            "my pid's predecessor": _leftover(tmp_path, _predecessor(me, host)),
+            "other host, in flight": _leftover(tmp_path, storage.writer_identity(me, "elsewhere")),
+            "other host, 2 days": _leftover(tmp_path, storage.writer_identity(1, "elsewhere"),
+                                            age_days=2),
+        }
+        storage.sweep_temporaries(str(tmp_path))
+        left = set(os.listdir(tmp_path))
+        kept = {k for k, name in names.items() if name in left}
+        assert kept == {"mine", "live writer", "other host, in flight"}
+        live.kill()
+        live.wait()
+        storage.sweep_temporaries(str(tmp_path))
+        assert names["live writer"] not in os.listdir(tmp_path)
+    finally:
+        live.kill()
+
+
+def _predecessor(pid: int, host: str) -> str:
+    tag, _, ticks = storage.writer_identity(pid, host).split(".")
+    return f"{tag}.{pid}.{max(1, int(ticks) - 100)}"
