@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import io
 import os
 import shutil
@@ -80,6 +81,7 @@ _SYNC_FILE_RANGE = _load_sync_file_range()
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
+_SYNC_FILE_RANGE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP}
 _WRITEBACK_CHUNK = 16 << 20
 _CACHED_CHUNKS = 2  # chunks kept in the page cache behind the one being written
 
@@ -155,7 +157,12 @@ class EarlyWriteback:
         flags = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
         # Dropping pages still being written back would be a no-op: wait for them first.
         if _SYNC_FILE_RANGE(self._fd, self._dropped, length, flags) != 0:  # type: ignore[misc]
-            self._drop = False  # a filesystem without sync_file_range: leave the cache alone
+            err = ctypes.get_errno()
+            if err not in _SYNC_FILE_RANGE_UNSUPPORTED:
+                # The wait consumed the file's writeback error: the caller's fsync would then
+                # succeed over bytes that never reached the disk. Fail the save here instead.
+                raise OSError(err, f"writing the checkpoint failed: {os.strerror(err)}")
+            self._drop = False  # a file that cannot do this: leave the cache alone
             return
         try:
             os.posix_fadvise(self._fd, self._dropped, length, os.POSIX_FADV_DONTNEED)  # type: ignore[arg-type]
@@ -237,12 +244,15 @@ class HashingWriter(io.RawIOBase):
         return self._size
 
 
-# A writer's identity in its temporary names: host, pid and the pid's start time. The pid alone
-# misleads a sweep twice over: a container restarted after preemption often gets its
-# predecessor's pid (its leftovers would look live forever), and on a shared filesystem another
-# host's live pid means nothing here (its work in flight would look dead).
-_OTHER_HOSTS_STALE_SECONDS = 24 * 3600
+# A writer's identity in its temporary names: kernel boot, pid namespace, pid and the pid's
+# start time. A pid alone misleads a sweep: a restarted container often gets its predecessor's
+# pid, a pid seen from another pid namespace (another container of the same pod) or another
+# host means nothing here, and pids get reused. Only a writer of this boot and this pid
+# namespace can be checked for life; any other writer's leftovers go once untouched for a day.
+_FOREIGN_STALE_SECONDS = 24 * 3600
 _identities: dict[int, str] = {}
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_identities.clear)  # a child inheriting its parent's
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -254,23 +264,32 @@ def _start_ticks(pid: int) -> int | None:
         return None
     # Field 2 (the command) may hold spaces and parentheses: count from its closing one. The
     # first field after it is field 3; start time is field 22.
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return int(fields[19]) if len(fields) > 19 else None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
 
 
-def _host_tag(host: str | None = None) -> str:
-    return xxhash.xxh3_64_hexdigest((host or socket.gethostname()).encode())[:8]
+def _kernel_tag() -> str:
+    """This boot of this machine (Linux's random boot id; elsewhere the host name)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            token = f.read().strip()
+    except OSError:
+        token = socket.gethostname().encode()
+    try:
+        token += os.readlink("/proc/self/ns/pid").encode()
+    except OSError:
+        pass
+    return xxhash.xxh3_64_hexdigest(token)[:12]
 
 
-def writer_identity(pid: int | None = None, host: str | None = None) -> str:
-    """The identity a writer's temporary names carry (this process's by default)."""
-    if pid is None and host is None:
-        pid = os.getpid()  # looked up each time: a forked child is another writer
-        if pid not in _identities:
-            _identities[pid] = writer_identity(pid, socket.gethostname())
-        return _identities[pid]
-    pid = os.getpid() if pid is None else pid
-    return f"{_host_tag(host)}.{pid}.{_start_ticks(pid) or 0}"
+def writer_identity(pid: int | None = None) -> str:
+    """The identity a writer's temporary names carry: this process's, or ``pid``'s as seen here."""
+    if pid is not None:
+        return f"{_kernel_tag()}.{pid}.{_start_ticks(pid) or 0}"
+    own = os.getpid()
+    if own not in _identities:
+        _identities[own] = writer_identity(own)
+    return _identities[own]
 
 
 def _prefix() -> str:
@@ -324,33 +343,34 @@ def remove_quietly(path: str) -> None:
 def sweep_temporaries(directory: str) -> None:
     """Remove the temporary files that writers which have since died left behind.
 
-    On this host a writer is dead when its pid is gone or now belongs to a process that started
-    later. Another host's leftovers (a shared filesystem) go once untouched for a day.
+    A writer of this boot and pid namespace is dead when its pid is gone or now belongs to a
+    process that started later. Anyone else's leftovers (another container, another host on a
+    shared filesystem, a previous boot) go once untouched for a day.
     """
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return
-    mine, host = writer_identity(), _host_tag()
+    mine, here = writer_identity(), _kernel_tag()
     for name in names:
         if not name.startswith(TMP_PREFIX + "-"):
             continue
         identity = name[len(TMP_PREFIX) + 1 :].split("-", 1)[0]
         path = os.path.join(directory, name)
-        if identity == mine or not _is_leftover(identity, host, path):
+        if identity == mine or not _is_leftover(identity, here, path):
             continue
         remove_quietly(path)
 
 
-def _is_leftover(identity: str, host: str, path: str) -> bool:
+def _is_leftover(identity: str, here: str, path: str) -> bool:
     parts = identity.split(".")
-    if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and parts[2].isdigit():
+    if len(parts) == 3 and parts[0] == here and parts[1].isdigit() and parts[2].isdigit():
         pid, ticks = int(parts[1]), int(parts[2])
         if not _pid_alive(pid):
             return True
         now = _start_ticks(pid)
         return ticks != 0 and now is not None and now != ticks
-    return time.time() - _last_modified(path) > _OTHER_HOSTS_STALE_SECONDS
+    return time.time() - _last_modified(path) > _FOREIGN_STALE_SECONDS
 
 
 def _last_modified(path: str) -> float:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -126,22 +127,22 @@ def test_sweep_tells_dead_writers_from_live_ones(tmp_path):
     done = subprocess.Popen([sys.executable, "-c", "pass"])
     done.wait()
     try:
-        host = socket.gethostname()
-        me = os.getpid()
+        here, me, ticks = storage.writer_identity(os.getpid()).split(".")
         names = {
             "mine": _leftover(tmp_path, storage.writer_identity()),
-            "live writer": _leftover(tmp_path, storage.writer_identity(live.pid, host)),
-            "dead writer": _leftover(tmp_path, storage.writer_identity(done.pid, host)),
-            # A container restarted after preemption: same host, same pid, a later start time.
-            "my pid's predecessor": _leftover(tmp_path, _predecessor(me, host)),
-            "other host, in flight": _leftover(tmp_path, storage.writer_identity(me, "elsewhere")),
-            "other host, 2 days": _leftover(tmp_path, storage.writer_identity(1, "elsewhere"),
-                                            age_days=2),
+            "live writer": _leftover(tmp_path, storage.writer_identity(live.pid)),
+            "dead writer": _leftover(tmp_path, storage.writer_identity(done.pid)),
+            # A container restarted after preemption: its predecessor had the same pid.
+            "my pid's predecessor": _leftover(tmp_path, f"{here}.{me}.{int(ticks) - 100}"),
+            # Another host, container (pid namespace) or boot: nothing here says if it lives.
+            "elsewhere, in flight": _leftover(tmp_path, f"0123456789ab.{me}.{ticks}"),
+            "elsewhere, 2 days old": _leftover(tmp_path, f"0123456789ab.{me}.{ticks}x",
+                                               age_days=2),
         }
         storage.sweep_temporaries(str(tmp_path))
         left = set(os.listdir(tmp_path))
         kept = {k for k, name in names.items() if name in left}
-        assert kept == {"mine", "live writer", "other host, in flight"}
+        assert kept == {"mine", "live writer", "elsewhere, in flight"}
         live.kill()
         live.wait()
         storage.sweep_temporaries(str(tmp_path))
@@ -150,6 +151,47 @@ def test_sweep_tells_dead_writers_from_live_ones(tmp_path):
         live.kill()
 
 
-def _predecessor(pid: int, host: str) -> str:
-    tag, _, ticks = storage.writer_identity(pid, host).split(".")
-    return f"{tag}.{pid}.{max(1, int(ticks) - 100)}"
+@pytest.fixture
+def failing_disk(tmp_path):
+    """A loop device over a file on a full tmpfs whose MiB 16-24 is a hole: writeback fails there."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("needs root and losetup")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    device = None
+    try:
+        backing = mnt / "backing"
+        with open(backing, "wb") as f:
+            f.write(b"\1" * 16 * MB)
+            f.seek(24 * MB)  # a hole: its blocks need tmpfs space when written back
+            f.write(b"\1" * 72 * MB)
+        out = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                             text=True)
+        if out.returncode:
+            pytest.skip(f"no loop device: {out.stderr.strip()}")
+        device = out.stdout.strip()
+        with open(mnt / "filler", "wb") as f:  # leave the tmpfs no room at all
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * MB)
+                    f.flush()
+        yield device
+    finally:
+        if device:
+            subprocess.run(["losetup", "-d", device], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_bytes_that_never_reach_the_disk_fail_the_save(failing_disk):
+    # Once drop-behind waited on the failed writeback, the error is consumed: a final fsync
+    # would report success. The writer itself must raise.
+    data = _payload(96 * MB)
+    with open(failing_disk, "r+b") as raw:
+        with pytest.raises(OSError):
+            out = storage.EarlyWriteback(storage.HashingWriter(raw))
+            out.write(data)
+            out.flush()
+            os.fsync(raw.fileno())
