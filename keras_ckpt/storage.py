@@ -106,10 +106,10 @@ class EarlyWriteback:
 
     Measured on the dev VM, 600 MB, a new file while older ones exist, a few seconds after the
     last save: plain write + fsync 2.0-2.6 s, writeback started per chunk 1.8-2.9 s, this
-    0.41-0.59 s (``benchmarks/save_throughput.py`` times it beside raw writes). Targets
-    without a file descriptor (or off Linux) are just written. Every front-end's writer
-    streams through it; checksums are taken as the bytes stream (see :class:`HashingWriter`),
-    not read back.
+    0.41-0.59 s (``benchmarks/cold_pages.py`` and ``benchmarks/save_throughput.py`` time it
+    beside raw writes). A writeback error met on the way raises ``OSError``. Targets without a
+    file descriptor (or off Linux) are just written. Every front-end's writer streams through
+    it; checksums are taken as the bytes stream (see :class:`HashingWriter`), not read back.
     """
 
     def __init__(self, out: IO[bytes]) -> None:
