@@ -174,7 +174,30 @@ def _split(segments: list[memoryview], parts: int) -> list[list[memoryview]]:
 # --- Planning the HDF5 file -------------------------------------------------------------------
 
 
-class _SparseImage(io.RawIOBase):
+class _Positioned(io.RawIOBase):
+    """A readable, seekable file object that keeps its own position over ``_end()`` bytes."""
+
+    _pos = 0
+
+    def _end(self) -> int:
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._end()}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class _SparseImage(_Positioned):
     """Writable, seekable in-memory file that stores only the pages written to it.
 
     h5py writes an HDF5 file into it through its ``fileobj`` driver. Dataset storage that was
@@ -186,25 +209,13 @@ class _SparseImage(io.RawIOBase):
     def __init__(self) -> None:
         super().__init__()
         self._pages: dict[int, bytearray] = {}
-        self._pos = 0
         self.size = 0
 
-    def readable(self) -> bool:
-        return True
+    def _end(self) -> int:
+        return self.size
 
     def writable(self) -> bool:
         return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
 
     def truncate(self, size: int | None = None) -> int:
         self.size = self._pos if size is None else size
@@ -424,18 +435,21 @@ def write_weights_h5(
     the caller does that.
     """
     segments = _segments(model, include_optimizer, state, assets_dir=None)
+    with _output(fileobj_or_path) as raw:
+        out = storage.EarlyWriteback(raw)
+        for segment in segments:
+            out.write(segment)
+
+
+@contextlib.contextmanager
+def _output(fileobj_or_path: str | os.PathLike[str] | IO[bytes]) -> Iterator[IO[bytes]]:
+    """A path is opened for writing and closed after; a given file object is flushed after."""
     if isinstance(fileobj_or_path, (str, os.PathLike)):
-        with open(fileobj_or_path, "wb", buffering=0) as raw:
-            _write_segments(raw, segments)
+        with open(fileobj_or_path, "wb", buffering=0) as out:
+            yield out
     else:
-        _write_segments(fileobj_or_path, segments)
+        yield fileobj_or_path
         fileobj_or_path.flush()
-
-
-def _write_segments(raw: IO[bytes], segments: list[memoryview]) -> None:
-    out = storage.EarlyWriteback(raw)
-    for segment in segments:
-        out.write(segment)
 
 
 def _dos_time(now: float) -> tuple[int, int]:
@@ -592,12 +606,8 @@ def write_keras(
     assets = saving_lib.DiskIOStore(_ASSETS_DIR, mode="w")
     try:
         segments = _segments(model, include_optimizer, state, assets)
-        if isinstance(fileobj_or_path, (str, os.PathLike)):
-            with open(fileobj_or_path, "wb", buffering=0) as out:
-                _write_archive(out, metadata_json, config_json, assets.working_dir, segments)
-        else:
-            _write_archive(fileobj_or_path, metadata_json, config_json, assets.working_dir, segments)
-            fileobj_or_path.flush()
+        with _output(fileobj_or_path) as out:
+            _write_archive(out, metadata_json, config_json, assets.working_dir, segments)
     finally:
         assets.close()
 
@@ -632,7 +642,7 @@ def read_state(path: str) -> bytes | None:
         return np.asarray(dataset[()], dtype=np.uint8).tobytes()
 
 
-class _Window(io.RawIOBase):
+class _Window(_Positioned):
     """Read-only view of ``[start, start + length)`` of a file, as a file of its own.
 
     h5py reads a stored zip member through it in place. Keras's own route reads through
@@ -641,21 +651,10 @@ class _Window(io.RawIOBase):
 
     def __init__(self, fd: int, start: int, length: int) -> None:
         super().__init__()
-        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+        self._fd, self._start, self._length = fd, start, length
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
+    def _end(self) -> int:
+        return self._length
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
