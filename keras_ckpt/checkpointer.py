@@ -8,15 +8,18 @@ transaction from the engine. The front-end only captures and restores framework 
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
+import string
 import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Callable
 
+from keras_ckpt import manifest as mf
 from keras_ckpt import rng
 from keras_ckpt.engine import Engine, Transaction, locate
 from keras_ckpt.manifest import Record
@@ -52,6 +55,72 @@ def scalar_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+class _Fill(dict):
+    """Log values for rendering a name where the logs are not known: missing keys read as NaN."""
+
+    def __missing__(self, key: str) -> float:
+        return float("nan")
+
+
+_PLACEHOLDER_NAMES = ("epoch", "batch")
+
+
+def check_template(filepath: str) -> None:
+    """Render ``filepath`` once with stand-in values so a broken template fails at construction.
+
+    Catches bad format specs (``{epoch:zz}``), unbalanced braces, positional fields, and names
+    that are a typo of ``epoch``/``batch`` (``{epcoh}``); other names are log keys, known only
+    once training logs them.
+    """
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(filepath) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"filepath is not a valid template ({e}). Received: filepath={filepath!r}") from None
+    for name in fields:
+        root = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if not root or root.isdigit():
+            raise ValueError(
+                "filepath placeholders must be named ({epoch}, {batch} or a log key such as "
+                f"{{val_loss:.3f}}). Received: filepath={filepath!r}"
+            )
+        close = difflib.get_close_matches(root, _PLACEHOLDER_NAMES, n=1, cutoff=0.6)
+        if root not in _PLACEHOLDER_NAMES and close and not root.startswith(("val_", "loss")):
+            raise ValueError(
+                f"filepath has a placeholder {{{root}}}: did you mean {{{close[0]}}}? "
+                f"Received: filepath={filepath!r}"
+            )
+    try:
+        filepath.format_map(_Fill(epoch=1, batch=1))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"filepath cannot be rendered ({e}). Received: filepath={filepath!r}") from None
+
+
+def check_resume_path(resume: str) -> None:
+    """``resume=<path>`` must exist and hold something to restore; ValueError naming it else."""
+    if not os.path.exists(resume):
+        raise ValueError(
+            f"resume must be True, False or an existing checkpoint file or directory; this path "
+            f"does not exist. Received: resume={resume!r}"
+        )
+    if os.path.isdir(resume):
+        try:
+            m = mf.load(resume)
+        except mf.ManifestError as e:
+            raise ValueError(f"resume={resume!r}: {e}") from e
+        if not m.checkpoints:
+            raise ValueError(
+                f"resume={resume!r} is a directory without keras_ckpt checkpoints (no records in "
+                f"{mf.FILENAME}); pass the path of a checkpoint file to restore from it."
+            )
+    elif not os.path.isfile(resume):
+        raise ValueError(f"resume must name a regular file or a directory. Received: resume={resume!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool) and value not in (0, 1):
+        raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")
+
+
 class Checkpointer:
     """Framework-neutral core of a ``ModelCheckpoint``.
 
@@ -84,10 +153,20 @@ class Checkpointer:
         preset: str | None = None,
         print_fn: Callable[[str], None] = print,
     ) -> None:
+        if not isinstance(filepath, (str, os.PathLike)):
+            raise TypeError(f"filepath must be a str or os.PathLike. Received: filepath={filepath!r}")
         self.filepath = os.fspath(filepath)
+        if not isinstance(self.filepath, str) or not self.filepath:
+            raise TypeError(f"filepath must be a non-empty str path. Received: filepath={filepath!r}")
+        check_template(self.filepath)
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(f"monitor must be a non-empty string. Received: monitor={monitor!r}")
+        if isinstance(verbose, bool) or not isinstance(verbose, int) or verbose < 0:
+            raise TypeError(f"verbose must be an integer >= 0 (0, 1 or 2). Received: verbose={verbose!r}")
+        _check_bool("save_best_only", save_best_only)
         self.monitor = monitor
         self.verbose = verbose
-        self.save_best_only = save_best_only
+        self.save_best_only = bool(save_best_only)
         self.print_fn = print_fn
         if mode not in ("auto", "min", "max"):
             warnings.warn(f"{owner} mode '{mode}' is unknown, fallback to auto mode.", stacklevel=3)
@@ -114,6 +193,9 @@ class Checkpointer:
                 "resume must be True, False or a path to a checkpoint file or directory. "
                 f"Received: resume={resume!r}"
             )
+        if not isinstance(resume, bool):
+            resume = os.fspath(resume)
+            check_resume_path(resume)
         self.resume = resume
         opts = resolve_preset(
             preset,
@@ -158,6 +240,8 @@ class Checkpointer:
             self.filepath, framework=framework, policy=policy, initial_best=initial_value_threshold
         )
         self.restored_path: str | None = None
+        self._import: tuple[str, Record | None] | None = None
+        self._renamed_warned = False
         self._began = False
         self.restored_state: dict | None = None
         self.epochs_done = 0
@@ -199,8 +283,16 @@ class Checkpointer:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def begin(self, infer_mode: Callable[[], str | None] | None = None) -> str | None:
-        """Check the directory and the monitor's direction; return the path to restore from, if any."""
+        """Become the directory's writer, check the monitor's direction; return the path to
+        restore from, if any."""
         self.engine.open("filepath")
+        try:
+            return self._begin(infer_mode)
+        except BaseException:
+            self.engine.close()
+            raise
+
+    def _begin(self, infer_mode: Callable[[], str | None] | None) -> str | None:
         mode = resolve_mode(self.mode, self.monitor)
         if mode is None and infer_mode is not None:
             mode = infer_mode()
@@ -210,11 +302,15 @@ class Checkpointer:
         self._last_save = time.monotonic()
         self._last_batch_seen = None
         self._batches_since_save = 0
+        self._import = None
         first_begin, self._began = not self._began, True
         if self.resume is False:
             if first_begin and self.engine.records:
                 self._warn_earlier_run()
+            if first_begin:
+                self.engine.start_run()
             return None
+        self.engine.continue_run()
         if self.resume is True:
             if self.engine.has_foreign_checkpoints():
                 warnings.warn(
@@ -225,8 +321,21 @@ class Checkpointer:
                 )
             record = self.engine.latest_valid()
             return self.engine.path_of(record) if record else None
-        path, _ = locate(os.fspath(self.resume), series=self.engine.series)
+        own = self.engine.latest_valid() if self.engine.records else None
+        if os.path.realpath(os.fspath(self.resume)) == os.path.realpath(self.engine.directory):
+            return self.engine.path_of(own) if own else None
+        path, record = locate(os.fspath(self.resume), series=self.engine.series)
+        if own is not None and (record is None or own.step >= record.step):
+            # A restarted job of a chain: its own output went on past what it was seeded with.
+            self._say(f"resume={self.resume!r}: continuing from this directory's newer "
+                      f"checkpoint {own.name} (step {own.step}) instead")
+            return self.engine.path_of(own)
+        self._import = (path, record)
         return path
+
+    def end(self) -> None:
+        """Training ended (or failed): let other processes write this directory again."""
+        self.engine.close()
 
     def _warn_earlier_run(self) -> None:
         """A new run into a series with checkpoints, without resume: usually a forgotten flag."""
@@ -234,10 +343,11 @@ class Checkpointer:
         best = "" if self.engine.best is None else f" (best {self.monitor} so far: {self.engine.best:g})"
         warnings.warn(
             f"resume=False, but {self.engine.directory} already holds {len(records)} checkpoint(s) "
-            f"of this filepath from an earlier run, the newest {records[-1].name!r}{best}. They "
-            "stay in this series' rotation and best-N, and save_best_only compares against that "
-            "best. Pass resume=True to continue that run, or another filepath for a new one.",
-            stacklevel=4,
+            f"of this filepath from an earlier run, the newest {records[-1].name!r}{best}. This "
+            "starts a new run: best starts afresh, those checkpoints stay listed but no longer "
+            "compete for best-N, and latest-N rotates them out as this run saves. Pass "
+            "resume=True to continue that run, or another filepath to keep them apart.",
+            stacklevel=5,
         )
 
     def restored(self, path: str, state: Mapping[str, Any] | None) -> None:
@@ -255,8 +365,29 @@ class Checkpointer:
         if state.get("rng"):
             rng.restore(state["rng"])
         monitor_state = state.get("monitor") or {}
-        if monitor_state.get("monitor") == self.monitor:
+        if monitor_state.get("monitor") == self.monitor and monitor_state.get("mode") in (
+            None, self.engine.policy.mode
+        ):
             self.engine.adopt_best(monitor_state.get("best"))
+        if self._import is not None:
+            self._import_restored(state)
+
+    def _import_restored(self, state: Mapping[str, Any]) -> None:
+        """Copy the checkpoint restored from another directory into this series (job chains)."""
+        source, record = self._import  # type: ignore[misc]
+        self._import = None
+        metrics = dict(record.metrics) if record is not None else {}
+        batch = state.get("batch")
+        epoch = max(self.epochs_done - (1 if batch is None else 0), 0)
+        dest = os.path.join(self.engine.directory, os.path.basename(
+            self.render(epoch, batch, _Fill(metrics))
+        ))
+        if os.path.splitext(dest)[1] != os.path.splitext(source)[1]:
+            return  # another format than this series writes: nothing to carry over
+        copied = self.engine.import_checkpoint(
+            source, record, dest, epoch=self.epochs_done, step=self.step, metrics=metrics
+        )
+        self._say(f"Copied {source} into this run's output as {copied.name}")
 
     def training_state(self, batch: int | None) -> dict[str, Any]:
         """What every checkpoint file carries besides the framework objects."""
@@ -313,7 +444,7 @@ class Checkpointer:
     ) -> Record | None:
         """Save now unless ``save_best_only`` says no; return the committed record."""
         logs = dict(logs or {})
-        path = self.render(epoch, batch, logs)
+        path = self._unique(self.render(epoch, batch, logs))
         metrics = scalar_logs(logs)
         uses_monitor = self.save_best_only or self.engine.policy.keep_best > 0
         if uses_monitor and score(metrics, self.monitor) is None:
@@ -354,6 +485,31 @@ class Checkpointer:
             self._say(f"Epoch {epoch + 1}: removed checkpoint {gone.name} (retention)", level=2)
         self._say(f"\nEpoch {epoch + 1}: finished saving model to {path}")
         return tx.record
+
+    def _unique(self, path: str) -> str:
+        """Never replace the committed best with another training state under the same name.
+
+        A templated name renders again after a resume from a mid-epoch checkpoint (the epoch's
+        batches are counted from 0 again); such a save gets a run-unique name,
+        ``<name>.step<step><ext>``. Single-file names (no placeholder) are replaced, as users of
+        ``best.keras`` / ``last.pt`` expect.
+        """
+        if "{" not in os.path.basename(self.filepath):
+            return path
+        stem = mf.checkpoint_name(path)
+        existing = self.engine.record_named(stem)
+        if existing is None or existing.step == self.step or "best" not in existing.kept:
+            return path
+        base = os.path.basename(path)
+        unique = os.path.join(os.path.dirname(path), f"{stem}.step{self.step}{base[len(stem):]}")
+        if not self._renamed_warned:
+            self._renamed_warned = True
+            warnings.warn(
+                f"{os.path.basename(path)} already holds the best checkpoint (step {existing.step}); "
+                f"saving step {self.step} as {os.path.basename(unique)} instead of replacing it.",
+                stacklevel=4,
+            )
+        return unique
 
     def _say(self, message: str, level: int = 1) -> None:
         if self.verbose >= level:

@@ -1,31 +1,52 @@
-"""The framework-neutral save/restore pipeline: write -> commit manifest -> prune.
+"""The framework-neutral save/restore pipeline, with a write-ahead commit.
 
-A front-end opens a :class:`Transaction` for each save, streams its payload into the file objects
-or temporary paths the transaction hands out, and leaves the ``with`` block; the transaction then
-fsyncs and renames the files into place, commits the manifest record (with checksums), and only
-after that deletes what retention no longer keeps. Restore walks the other way: the newest record
-whose files verify.
+A front-end opens a :class:`Transaction` for each save and streams its payload into the file
+objects or temporary paths it hands out. When the ``with`` block exits cleanly:
+
+1. every temporary is fsynced and checksummed (a failure here changes nothing: the temporaries
+   are removed and the error raised);
+2. the manifest records the *intent* — the incoming record, its temporaries, the records the
+   commit drops — durably, before anything becomes visible. From here on the checkpoint is
+   committed: all its bytes are durable, and any open of the directory finishes the commit;
+3. the temporaries are renamed into place and the directory fsynced;
+4. the manifest commits (record listed, dropped records gone, files to delete noted);
+5. the dropped files are deleted.
+
+A crash at any instant leaves either the previous state (before 2) or an intent that the next
+:meth:`Engine.open` finishes (rename what is still a temporary, commit); if the intent's bytes
+are gone (a file deleted by hand), it is rolled back. Deletions cut short are finished at the
+next open. So after the next open the directory holds only files the manifest lists.
+
+In-memory state (``records``, ``best``) changes only once the manifest is durable. Exactly one
+process writes a directory at a time (:func:`keras_ckpt.storage.acquire_writer`).
+
+Best has one owner: :func:`keras_ckpt.policy.best_of` over the current run's records in commit
+order, and best-N retention ranks with the same order.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import IO, Any
 
 from keras_ckpt import manifest as mf
 from keras_ckpt import storage
-from keras_ckpt.manifest import FileEntry, Manifest, Record, SeriesState
-from keras_ckpt.policy import RetentionPolicy, is_improvement, score
+from keras_ckpt.manifest import FileEntry, Intent, Manifest, Record, SeriesState
+from keras_ckpt.policy import BEST, RetentionPolicy, best_of, is_improvement, score
+from keras_ckpt.policy import Candidate as _Candidate
 
-_CHECKPOINT_SUFFIXES = (".keras", ".h5", ".pt", ".pth", ".index", ".ckpt")
+_CHECKPOINT_SUFFIXES = (".keras", ".h5", ".pt", ".pth", ".pth.tar", ".index", ".ckpt")
+_COPY_CHUNK = 16 << 20
 
 
 class Transaction:
-    """One checkpoint being written. Files become visible only when the block exits cleanly."""
+    """One checkpoint being written. Its files become visible only when the block exits cleanly."""
 
     def __init__(
         self,
@@ -39,13 +60,16 @@ class Transaction:
         on_commit: Callable[[Record], None] | None = None,
     ) -> None:
         self._engine = engine
+        self._store = engine.store
         self._on_commit = on_commit
         self.path = os.path.abspath(final_path)
         self.name = mf.checkpoint_name(self.path)
         self._epoch, self._step, self._metrics, self._pending = epoch, step, metrics, pending
-        # (temp path, final path, streaming writer or None), in the order the caller created them
+        # (temp name, final name, hashing writer or None, raw file or None), in creation order
         self._files: list[tuple[str, str, storage.HashingWriter | None, IO[bytes] | None]] = []
+        self._side: list[tuple[str, str]] = []  # (temp name, final name): committed, not listed
         self._dirs: list[str] = []
+        self._handed_over = False
         self.record: Record | None = None
         self.deleted: list[Record] = []
 
@@ -53,13 +77,13 @@ class Transaction:
         final = self.path if path is None else os.path.join(self._engine.directory, path)
         if os.path.dirname(os.path.abspath(final)) != self._engine.directory:
             raise ValueError(f"checkpoint files must live in {self._engine.directory!r}: {final!r}")
-        return os.path.abspath(final)
+        return os.path.basename(final)
 
     def open(self, path: str | None = None) -> storage.HashingWriter:
         """A binary file object for ``path`` (default: the checkpoint's own path), hashed as it streams."""
         final = self._final(path)
-        tmp = storage.temp_path(self._engine.directory, os.path.basename(final))
-        raw = open(tmp, "r+b")
+        tmp = self._store.new_temp(final)
+        raw = open(self._store.path(tmp), "r+b")  # noqa: SIM115 -- closed at commit or exit
         writer = storage.HashingWriter(raw)
         self._files.append((tmp, final, writer, raw))
         return writer
@@ -67,19 +91,29 @@ class Transaction:
     def temp_path(self, path: str | None = None) -> str:
         """A temporary path for a writer that needs a file name (h5py); hashed after it is written."""
         final = self._final(path)
-        tmp = storage.temp_path(self._engine.directory, os.path.basename(final))
+        tmp = self._store.new_temp(final)
         self._files.append((tmp, final, None, None))
-        return tmp
+        return self._store.path(tmp)
 
     def staging_dir(self) -> str:
         """A temporary directory for writers that pick their own file names (TF's Saver)."""
-        d = storage.temp_dir(self._engine.directory)
+        d = self._store.new_staging_dir()
         self._dirs.append(d)
-        return d
+        return self._store.path(d)
 
     def adopt(self, staged_path: str, path: str) -> None:
         """Commit ``staged_path`` (written by the caller, e.g. in :meth:`staging_dir`) as ``path``."""
-        self._files.append((staged_path, self._final(path), None, None))
+        self._files.append((self._store.name_of(staged_path), self._final(path), None, None))
+
+    def side_file(self, path: str, data: bytes) -> None:
+        """Commit ``data`` as ``path`` together with the checkpoint, unlisted (TF's ``checkpoint``)."""
+        final = self._final(path)
+        tmp = self._store.new_temp(final)
+        with open(self._store.path(tmp), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._side.append((tmp, final))
 
     def __enter__(self) -> Transaction:
         return self
@@ -88,47 +122,93 @@ class Transaction:
         try:
             if exc_type is None:
                 self._commit()
+            elif isinstance(exc, OSError) and not getattr(exc, "filename", None):
+                # The payload writer ran out of disk (or met an I/O error): say where.
+                raise _named(exc, self._engine.directory, os.path.basename(self.path)) from exc
         finally:
-            for tmp, _, _, raw in self._files:
+            for _, _, _, raw in self._files:
                 if raw is not None and not raw.closed:
                     raw.close()
-                if self.record is None:
-                    storage.remove_quietly(tmp)
-            for d in self._dirs:
-                storage.remove_quietly(d)
+            if not self._handed_over:  # once the intent is durable, the engine owns the temporaries
+                staged = [tmp for tmp, _, _, _ in self._files if "/" not in tmp]  # the rest: in _dirs
+                for tmp in [*staged, *(t for t, _ in self._side), *self._dirs]:
+                    self._remove(tmp)
+
+    def _remove(self, name: str) -> None:
+        try:
+            self._store.remove_temp(name)
+        except OSError:
+            pass  # swept at the next open
 
     def _commit(self) -> None:
         if not self._files:
             raise RuntimeError(f"checkpoint {self.name!r} wrote no file")
         entries = []
         for tmp, final, writer, raw in self._files:
-            if raw is not None:
-                raw.flush()
-                os.fsync(raw.fileno())
-                raw.close()
-            digest = writer.digest() if writer is not None else None
-            if digest is None:
-                # Hashed from the page cache right after the write; fsync below makes it durable.
-                digest, size = storage.hash_file(tmp)
-                storage.fsync_path(tmp)
-            else:
-                size = writer.size  # type: ignore[union-attr]
-            entries.append(FileEntry(os.path.basename(final), size, digest))
-        self._engine._announce_replacements(entries)
-        for tmp, final, _, _ in self._files:
-            os.replace(tmp, final)
-        storage.fsync_dir(self._engine.directory)
-        record = mf.make_record(
-            self.name,
-            self._engine.series,
+            try:
+                if raw is not None:
+                    raw.flush()
+                    os.fsync(raw.fileno())
+                    raw.close()
+                digest = writer.digest() if writer is not None else None
+                if digest is None:
+                    # Hashed from the page cache right after the write; fsync makes it durable.
+                    state = self._store.stat(tmp)
+                    digest, problem = self._store.hash(tmp, state.size)
+                    if problem is not None:
+                        raise OSError(f"checkpoint file {final} could not be read back: {problem}")
+                    self._store.sync_file(tmp)
+                    size = state.size
+                else:
+                    size = writer.size  # type: ignore[union-attr]
+            except OSError as e:
+                raise _named(e, self._engine.directory, final) from e
+            entries.append(FileEntry(final, size, digest))
+        moves = tuple((tmp, final) for tmp, final, _, _ in self._files) + tuple(self._side)
+        self.record, self.deleted = self._engine._commit(
+            name=self.name,
             epoch=self._epoch,
             step=self._step,
-            time=time.time(),
             metrics=self._metrics,
-            files=tuple(entries),
             pending=self._pending,
+            files=tuple(entries),
+            moves=moves,
+            on_commit=self._on_commit,
+            handed_over=self._hand_over,
         )
-        self.record, self.deleted = self._engine._commit(record, self._on_commit)
+
+    def _hand_over(self) -> None:
+        self._handed_over = True
+
+
+def _named(e: OSError, directory: str, name: str) -> OSError:
+    """The same OSError, saying which checkpoint file and directory it happened to."""
+    reason = e.strerror or str(e)
+    err = OSError(e.errno, f"saving checkpoint file {name} in {directory} failed: {reason}")
+    err.filename = os.path.join(directory, name)
+    return err
+
+
+def _template_pattern(series: str) -> re.Pattern[str]:
+    """File names a series may own: its template with any text for each placeholder.
+
+    Deleting only names that match is the last line of defence against a crafted manifest that
+    lists a file of someone else's under this series.
+    """
+    parts = re.split(r"(\{[^{}]*\})", series)
+    body = "".join(".+" if p.startswith("{") and p.endswith("}") else re.escape(p) for p in parts)
+    stem, ext = _split_ext(body)
+    # TF prefixes (``model.ckpt`` → ``model.ckpt-60.index``/``.data-…``/``.meta``) and the
+    # run-unique names of re-rendered saves (``ckpt-1-10.step345.keras``).
+    return re.compile(rf"(?:{stem}(?:\.step\d+)?{ext}|{body}-\d+\.(?:index|meta|data-\d+-of-\d+))")
+
+
+def _split_ext(body: str) -> tuple[str, str]:
+    for ext in ("\\.weights\\.h5", "\\.pth\\.tar"):
+        if body.endswith(ext):
+            return body[: -len(ext)], ext
+    m = re.search(r"(\\\.[A-Za-z0-9]+)$", body)
+    return (body[: m.start()], m.group(1)) if m else (body, "")
 
 
 class Engine:
@@ -153,47 +233,125 @@ class Engine:
         self.filepath = os.fspath(filepath)
         self.directory = os.path.dirname(os.path.abspath(self.filepath))
         self.series = os.path.basename(self.filepath)
+        self.store = storage.LocalStorage(self.directory)
         self.framework = framework
         self.policy = policy
         self._initial_best = initial_best
-        self.state = SeriesState(framework, policy.monitor, policy.mode, initial_best)
+        self._pattern = _template_pattern(self.series)
+        self.state = SeriesState(framework, policy.monitor, policy.mode, baseline=self._threshold())
         self._records: list[Record] = []
+        self._writing = False
+        self._finalizer: weakref.finalize | None = None
+
+    def _threshold(self) -> tuple[float, int] | None:
+        return None if self._initial_best is None else (float(self._initial_best), -1)
 
     # -- set-up -------------------------------------------------------------------------------
 
     def open(self, argname: str = "filepath") -> None:
-        """Create the directory (a ValueError naming ``argname`` if impossible) and load state."""
-        storage.ensure_directory(self.directory, argname, self.filepath)
-        storage.sweep_temporaries(self.directory)
-        self.reload()
+        """Become this directory's writer, finish whatever a crash left, and load the series.
+
+        Raises ValueError naming ``argname`` if the directory cannot be created or written, and
+        :class:`keras_ckpt.storage.DirectoryLocked` if another live process writes here.
+        """
+        self.store.ensure(argname, self.filepath)
+        if not self._writing:
+            self.store.acquire()
+            self._writing = True
+            self._finalizer = weakref.finalize(self, storage.release_writer, self.directory)
+        with storage.directory_lock(self.directory):
+            m = self._recovered()
+            self.store.sweep()
+        self._load(m)
+
+    def close(self) -> None:
+        """Stop being the directory's writer (train end); :meth:`open` again to write more."""
+        if self._writing:
+            self._writing = False
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            self.store.release()
 
     def reload(self) -> None:
-        m = mf.load(self.directory)
+        """Re-read the manifest (what another run of this process may have committed)."""
+        with storage.directory_lock(self.directory):
+            m = self._recovered() if self._writing else (mf.read(self.store) or Manifest())
+        self._load(m)
+
+    def _load(self, m: Manifest) -> None:
         self._records = m.records(self.series)
         saved = m.series.get(self.series)
         if saved is not None:
-            saved.framework = self.framework
-            saved.monitor, saved.mode = self.policy.monitor, self.policy.mode
-            if saved.best is None and self._initial_best is not None:
-                saved.best = self._initial_best
-            self.state = saved
+            self.state = replace(saved, extra=dict(saved.extra))
+            self.state.framework = self.framework
+            if not self.state.run:  # written before runs existed: one run so far
+                self.state.run = max((r.run for r in self._records), default=0) or 1
+        self._refresh_best()
+
+    def start_run(self) -> None:
+        """Begin a new run of the series: best starts again from ``initial_best`` (or nothing).
+
+        The earlier runs' checkpoints stay listed, no longer compete for best-N, and are rotated
+        out by latest-N as this run saves.
+        """
+        self.state.run = max([self.state.run, *(r.run for r in self._records)]) + 1
+        self.state.baseline = self._threshold()
+        self._sync_ranking()
+
+    def continue_run(self) -> None:
+        """Continue the newest run (``resume``), unless the monitor or mode changed: then warn
+        and start a new one, since the old values measure something else."""
+        before = (self.state.monitor, self.state.mode)
+        now = (self.policy.monitor, self.policy.mode)
+        if self._records and before != (None, None) and before != now:
+            warnings.warn(
+                f"keras_ckpt: the series {self.series!r} in {self.directory} ranked checkpoints by "
+                f"monitor={before[0]!r}, mode={before[1]!r}; this run ranks by monitor={now[0]!r}, "
+                f"mode={now[1]!r}. Best starts afresh: earlier checkpoints are not compared with "
+                "the new metric.",
+                stacklevel=3,
+            )
+            self.start_run()
+            return
+        self.state.run = self.state.run or 1
+        if self._initial_best is not None and (
+            self.state.baseline is None
+            or is_improvement(self._initial_best, self.state.baseline[0], self.policy.mode)
+        ):
+            self.state.baseline = self._threshold()
+        self._sync_ranking()
 
     def set_policy(self, policy: RetentionPolicy) -> None:
         """Replace the policy (e.g. once ``mode="auto"`` is resolved)."""
         self.policy = policy
-        self.state.monitor, self.state.mode = policy.monitor, policy.mode
+        self._refresh_best()
+
+    def _sync_ranking(self) -> None:
+        self.state.monitor, self.state.mode = self.policy.monitor, self.policy.mode
+        self._refresh_best()
 
     def adopt_best(self, best: float | None) -> None:
         """Carry a best value over from another directory's checkpoint (``resume=<path>``)."""
-        if best is not None and is_improvement(best, self.state.best, self.policy.mode):
-            self.state.best = best
-            self.state.best_name = None
+        if best is None or not self.is_improvement(best):
+            return  # a record here already holds it (or better): that record stays best
+        self.state.baseline = (float(best), 0)
+        self._refresh_best()
+
+    def _refresh_best(self) -> None:
+        winner = self._best_of(self._records, self.state.baseline)
+        self.state.best = None if winner is None else winner.value
+        self.state.best_name = None if winner is None else winner.name
+
+    def _best_of(self, records: Sequence[Record], baseline: tuple[float, int] | None) -> _Candidate | None:
+        run = [r for r in records if r.run == self.state.run]
+        base = None if baseline is None else _Candidate(baseline[0], baseline[1], None)
+        return best_of(run, self.policy.monitor, self.policy.mode, base)
 
     # -- what is there ------------------------------------------------------------------------
 
     @property
     def records(self) -> list[Record]:
-        """This series' committed records, oldest first."""
+        """This series' committed records, in commit order."""
         return list(self._records)
 
     @property
@@ -216,12 +374,16 @@ class Engine:
 
     def has_foreign_checkpoints(self) -> bool:
         """Checkpoint-looking files but no manifest: another tool's directory (never pruned)."""
-        if mf.exists(self.directory) or not os.path.isdir(self.directory):
+        if mf.exists(self.directory) or not self.store.is_dir():
             return False
-        return any(n.endswith(_CHECKPOINT_SUFFIXES) for n in os.listdir(self.directory))
+        return any(n.endswith(_CHECKPOINT_SUFFIXES) for n in self.store.list())
 
     def is_improvement(self, value: float | None) -> bool:
         return is_improvement(value, self.state.best, self.policy.mode)
+
+    def owns(self, name: str) -> bool:
+        """Whether ``name`` is a file name this series' template can produce."""
+        return bool(self._pattern.fullmatch(name))
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -238,180 +400,356 @@ class Engine:
         """Begin writing the checkpoint whose main file is ``path`` (inside this directory).
 
         ``on_commit(record)`` runs once the manifest lists the new checkpoint and before
-        retention deletes anything (TF's own state file is re-pointed there, so it never names
-        deleted files).
+        retention deletes anything.
         """
         return Transaction(
             self, path, epoch=epoch, step=step, metrics=metrics, pending=pending, on_commit=on_commit
         )
 
-    def _commit(
-        self, record: Record, on_commit: Callable[[Record], None] | None = None
-    ) -> tuple[Record, list[Record]]:
-        with storage.directory_lock(self.directory):
-            m = mf.load(self.directory)
-            m.series[self.series] = self.state
-            m.checkpoints = [
-                r for r in m.checkpoints if not (r.series == self.series and r.name == record.name)
-            ]
-            m.checkpoints.append(record)
-            value = score(record.metrics, self.policy.monitor)
-            if self.is_improvement(value):
-                self.state.best, self.state.best_name = value, record.name
-            elif record.name == self.state.best_name:
-                # The best checkpoint's bytes were just replaced by a worse save: no file holds
-                # ``best`` any more (the value stays, as Keras's ``best`` does).
-                self.state.best_name = None
-            deleted = self._apply_retention(
-                m, before_delete=None if on_commit is None else lambda: on_commit(record)
-            )
-        committed = self.record_named(record.name)
-        return committed or record, deleted
+    def _require_writer(self) -> None:
+        if not self._writing:
+            self.open()
 
-    def _announce_replacements(self, incoming: Sequence[FileEntry]) -> None:
-        """Before renaming over files the manifest lists, let their entries accept the new bytes."""
-        new = {f.path: (f.bytes, f.xxh3_128) for f in incoming}
-        if not any(f.path in new for r in self._records for f in r.files):
-            return
+    def _commit(
+        self,
+        *,
+        name: str,
+        epoch: int,
+        step: int,
+        metrics: Mapping[str, Any] | None,
+        pending: bool,
+        files: tuple[FileEntry, ...],
+        moves: tuple[tuple[str, str], ...],
+        on_commit: Callable[[Record], None] | None,
+        handed_over: Callable[[], None],
+    ) -> tuple[Record, list[Record]]:
+        self._require_writer()
         with storage.directory_lock(self.directory):
-            m = mf.load(self.directory)
-            m.checkpoints = [
-                replace(r, files=tuple(
-                    replace(f, replacing=new[f.path]) if f.path in new else f for f in r.files
-                ))
-                for r in m.checkpoints
-            ]
-            mf.save(self.directory, m)
+            m = self._recovered()
+            seq = m.next_seq()
+            state = self._state_copy()
+            record = mf.make_record(
+                name, self.series, epoch=epoch, step=step, time=time.time(), metrics=metrics,
+                files=files, pending=pending, seq=seq, run=state.run,
+            )
+            series = [r for r in m.records(self.series) if r.name != name]
+            replaced = next((r for r in m.records(self.series) if r.name == name), None)
+            state.baseline = self._baseline_after_replacing(replaced, state)
+            kept, dropped = self._retain([*series, record], state)
+            intent = Intent(
+                series=self.series, record=record, state=state, moves=moves,
+                drop=tuple(r.name for r in dropped), writer=storage.writer_identity(),
+                kept=kept,
+            )
+            before = mf.Manifest(series=dict(m.series), checkpoints=list(m.checkpoints), seq=m.seq,
+                                 deleting=list(m.deleting), extra=m.extra)
+            before.intent = intent
+            before.seq = seq
+            self._write(before)  # the write-ahead point: from here the checkpoint is committed
+            handed_over()
+            try:
+                for tmp, final in moves:
+                    self.store.rename(tmp, final)
+                self.store.sync()
+                after, gone = _apply(before)
+                self._write(after)
+            except OSError as e:
+                raise OSError(
+                    e.errno,
+                    f"checkpoint {name} in {self.directory} is written, but committing it failed "
+                    f"({e.strerror or e}); it is finished at the next save or start.",
+                ) from e
+            self._load(after)
+            committed = self.record_named(name) or record
+            if on_commit is not None:
+                on_commit(committed)
+            self._delete(gone)
+        return committed, dropped
+
+    def _baseline_after_replacing(
+        self, replaced: Record | None, state: SeriesState
+    ) -> tuple[float, int] | None:
+        """A best whose file a new save replaces lives on as the baseline (as Keras's ``best``)."""
+        value = None if replaced is None else score(replaced.metrics, self.policy.monitor)
+        if value is None or replaced.run != state.run:  # type: ignore[union-attr]
+            return state.baseline
+        candidates = [_Candidate(value, replaced.seq, None)]  # type: ignore[union-attr]
+        if state.baseline is not None:
+            candidates.append(_Candidate(state.baseline[0], state.baseline[1], None))
+        winner = best_of([], self.policy.monitor, self.policy.mode, min(
+            candidates, key=lambda c: ((1.0 if self.policy.mode == "min" else -1.0) * c.value, c.seq)
+        ))
+        return None if winner is None else (winner.value, winner.seq)
+
+    def _retain(
+        self, series: list[Record], state: SeriesState, protect: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, tuple[str, ...]], list[Record]]:
+        """(kept name -> reasons, dropped records) for ``series`` (commit order) under ``state``."""
+        run = [r for r in series if r.run == state.run]
+        base = None if state.baseline is None else _Candidate(state.baseline[0], state.baseline[1], None)
+        winner = best_of(run, self.policy.monitor, self.policy.mode, base)
+        state.best = None if winner is None else winner.value
+        state.best_name = None if winner is None else winner.name
+        guard = dict(protect or {})
+        if state.best_name is not None:
+            guard.setdefault(state.best_name, BEST)
+        keep = self.policy.retain(series, run=state.run, protect=guard)
+        return keep, [r for r in series if r.name not in keep]
+
+    def _write(self, m: Manifest) -> None:
+        try:
+            mf.write(self.store, m)
+        except OSError as e:
+            raise _named(e, self.directory, mf.FILENAME) from e
+
+    def _delete(self, names: Sequence[str]) -> None:
+        for name in names:
+            if self.owns(name):
+                try:
+                    self.store.delete(name)
+                except OSError:
+                    pass  # listed in ``deleting``: tried again at the next open
+        if names:
+            self.store.sync()
+
+    def _recovered(self) -> Manifest:
+        """The manifest with any commit a crash left finished (or rolled back) and deletions done."""
+        m = mf.read(self.store) or Manifest()
+        if not self._writing:
+            return m
+        if m.intent is not None:
+            m = _recover(self.store, m)
+            self._write(m)
+        if m.deleting:  # cleared in memory: the caller's next write records it
+            self._delete([n for n in m.deleting if n not in m.listed_files()])
+            m.deleting = []
+        return m
 
     def report(self, name: str, metrics: Mapping[str, Any]) -> Record:
         """Attach metrics to a committed record (clearing ``pending``) and re-apply retention."""
+        self._require_writer()
         with storage.directory_lock(self.directory):
-            m = mf.load(self.directory)
-            m.series[self.series] = self.state
+            m = self._recovered()
             for i, r in enumerate(m.checkpoints):
                 if r.series == self.series and r.name == name:
-                    merged = {**r.metrics, **metrics}
-                    m.checkpoints[i] = replace(r.with_metrics(merged), pending=False)
+                    m.checkpoints[i] = replace(r.with_metrics({**r.metrics, **metrics}), pending=False)
                     break
             else:
                 raise KeyError(name)
-            # Best is decided in chronological order so a late report cannot undo "ties keep the
-            # earlier checkpoint".
-            value = score(m.checkpoints[i].metrics, self.policy.monitor)
-            if self.is_improvement(value):
-                self.state.best, self.state.best_name = value, name
-            self._apply_retention(m)
+            self._rewrite(m)
         return self.record_named(name)  # type: ignore[return-value]
 
-    def prune(self) -> list[Record]:
-        """Apply the current policy now (``keras-ckpt prune``, or after a policy change)."""
-        with storage.directory_lock(self.directory):
-            m = mf.load(self.directory)
-            m.series[self.series] = self.state
-            return self._apply_retention(m)
+    def prune(self, *, dry_run: bool = False) -> list[Record]:
+        """Apply the policy now (``keras-ckpt prune``, or after a policy change).
 
-    def _apply_retention(
-        self, m: Manifest, before_delete: Callable[[], None] | None = None
-    ) -> list[Record]:
-        series = m.records(self.series)
-        keep = self.policy.retain(series)
-        if self.state.best_name is not None and self.state.best_name in {r.name for r in series}:
-            # The value behind ``best`` may predate a restart or a policy change: never drop it.
-            keep.setdefault(self.state.best_name, ("best",))
-        kept_records: list[Record] = []
-        dropped: list[Record] = []
-        for r in m.checkpoints:
-            if r.series != self.series:
-                kept_records.append(r)
-            elif r.name in keep:
-                kept_records.append(replace(r, kept=keep[r.name]))
-            else:
-                dropped.append(r)
-        m.checkpoints = kept_records
-        mf.save(self.directory, m)
-        self._records = m.records(self.series)
-        if before_delete is not None:
-            before_delete()
-        still_listed = {f.path for r in m.checkpoints for f in r.files}
-        for r in dropped:
-            for f in r.files:
-                if f.path not in still_listed:
-                    storage.remove_quietly(os.path.join(self.directory, f.path))
-        if dropped:
-            storage.fsync_dir(self.directory)
+        Verifies first: the newest checkpoint whose files verify is never deleted, and a series
+        in which none verifies loses nothing.
+        """
+        self._require_writer()
+        with storage.directory_lock(self.directory):
+            m = self._recovered()
+            good = newest_valid(self.store, m.records(self.series), quiet=True)
+            if good is None:
+                return []
+            protect = {good.name: "verified"}
+            if dry_run:
+                return self._retain(m.records(self.series), self._state_copy(), protect)[1]
+            return self._rewrite(m, protect)
+
+    def _state_copy(self) -> SeriesState:
+        state = replace(self.state, extra=dict(self.state.extra))
+        state.monitor, state.mode = self.policy.monitor, self.policy.mode
+        state.policy = self.policy.to_json()
+        state.run = state.run or 1
+        return state
+
+    def _rewrite(self, m: Manifest, protect: Mapping[str, str] | None = None) -> list[Record]:
+        """Re-apply retention to ``m`` for this series, commit it, delete what it drops."""
+        state = self._state_copy()
+        kept, dropped = self._retain(m.records(self.series), state, protect)
+        gone = {r.name for r in dropped}
+        m.series[self.series] = state
+        m.checkpoints = [
+            r if r.series != self.series
+            else replace(r, kept=tuple(k for k in kept[r.name] if k != "verified"))
+            for r in m.checkpoints if r.series != self.series or r.name not in gone
+        ]
+        m.deleting = sorted({f.path for r in dropped for f in r.files} - m.listed_files())
+        self._write(m)
+        self._load(m)
+        self._delete(m.deleting)
         return dropped
+
+    def import_checkpoint(
+        self, source: str, record: Record | None, dest: str, *, epoch: int, step: int,
+        metrics: Mapping[str, Any] | None,
+    ) -> Record:
+        """Copy another directory's checkpoint (``resume=<path>``) into this series, verified.
+
+        The bytes are hashed as they are copied and must match the source's manifest entry, so
+        the output of every job holds the checkpoint it continued from.
+        """
+        src = storage.LocalStorage(os.path.dirname(source))
+        name = os.path.basename(source)
+        expected = next((f for f in record.files if f.path == name), None) if record else None
+        with self.transaction(dest, epoch=epoch, step=step, metrics=metrics) as tx:
+            out = tx.open()
+            digest = src.copy_to(name, out, None if expected is None else expected.bytes)
+            if expected is not None and digest != expected.xxh3_128:
+                raise ValueError(f"{source} changed while it was copied (checksum mismatch)")
+        return tx.record  # type: ignore[return-value]
 
     # -- restoring ----------------------------------------------------------------------------
 
     def latest_valid(self) -> Record | None:
         """The newest record of this series whose files verify (a warning names each bad one)."""
-        return newest_valid(self.directory, self._records)
+        return newest_valid(self.store, self._records)
 
 
-def verify(directory: str, record: Record) -> str | None:
+def _apply(m: Manifest) -> tuple[Manifest, list[str]]:
+    """``m`` with its intent committed; and the files that commit leaves unlisted."""
+    it = m.intent
+    assert it is not None
+    out = Manifest(series=dict(m.series), seq=max(m.seq, it.record.seq), extra=m.extra)
+    removed: set[str] = set()
+    records = []
+    for r in m.checkpoints:
+        if r.series == it.series and (r.name == it.record.name or r.name in it.drop):
+            removed.update(f.path for f in r.files)
+            continue
+        if r.series == it.series:
+            r = replace(r, kept=it.kept.get(r.name, r.kept))
+        records.append(r)
+    records.append(replace(it.record, kept=it.kept.get(it.record.name, ())))
+    out.checkpoints = records
+    out.series[it.series] = it.state
+    gone = sorted((removed | set(m.deleting)) - out.listed_files())
+    out.deleting = gone
+    return out, gone
+
+
+def _recover(store: storage.LocalStorage, m: Manifest) -> Manifest:
+    """Finish the commit a crash interrupted, or roll it back if its bytes are gone."""
+    it = m.intent
+    assert it is not None
+    incoming = {f.path: f for f in it.record.files}
+    complete = True
+    for tmp, final in it.moves:
+        if store.stat(tmp).kind == "file":
+            continue
+        entry = incoming.get(final)
+        if entry is None:  # a side file: present is enough
+            complete &= store.stat(final).kind == "file"
+        else:
+            digest, _ = store.hash(final, entry.bytes)
+            complete &= digest == entry.xxh3_128
+    if complete:
+        for tmp, final in it.moves:
+            if store.stat(tmp).kind == "file":
+                store.rename(tmp, final)
+        store.sync()
+        out, _ = _apply(m)
+        return out
+    for tmp, _ in it.moves:
+        if store.stat(tmp).kind != "missing":
+            store.remove_temp(tmp.split("/")[0])
+    m.intent = None
+    warnings.warn(
+        f"keras_ckpt: an interrupted save of {it.record.name!r} in {store.directory} lost its "
+        "files (deleted by hand?); it was rolled back.",
+        stacklevel=4,
+    )
+    return m
+
+
+def verify(directory: str | storage.LocalStorage, record: Record,
+           incoming: Mapping[str, FileEntry] | None = None) -> str | None:
     """None if every file of ``record`` is present with its size and checksum; else why not.
 
-    While an overwrite is in flight a file may hold its ``replacing`` version instead; a
-    checkpoint whose files mix committed and incoming versions (a multi-file overwrite cut
-    short) is corrupt.
+    ``incoming`` (from a commit in flight, for readers that cannot finish it) are accepted as
+    an alternative version of a listed file; a checkpoint whose files mix the two versions is
+    corrupt.
     """
+    store = directory if isinstance(directory, storage.LocalStorage) else storage.LocalStorage(directory)
     versions = set()
     for f in record.files:
-        path = os.path.join(directory, f.path)
-        try:
-            digest, size = storage.hash_file(path)
-        except FileNotFoundError:
-            return f"{f.path} is missing"
-        if (size, digest) == (f.bytes, f.xxh3_128):
-            versions.add("committed" if f.replacing != (size, digest) else "either")
-        elif (size, digest) == f.replacing:
+        digest, problem = store.hash(f.path, f.bytes)
+        if digest == f.xxh3_128:
+            versions.add("committed")
+            continue
+        alt = (incoming or {}).get(f.path)
+        if alt is not None and store.hash(f.path, alt.bytes)[0] == alt.xxh3_128:
             versions.add("incoming")
-        elif size != f.bytes:
-            return f"{f.path} has {size} bytes, the manifest says {f.bytes}"
-        else:
-            return f"{f.path} does not match its checksum"
+            continue
+        return problem or f"{f.path} does not match its checksum"
     if {"committed", "incoming"} <= versions:
         return "its files mix two saves (an overwrite was interrupted)"
     return None
 
 
-def newest_valid(directory: str, records: Sequence[Record]) -> Record | None:
-    for record in reversed(records):
-        problem = verify(directory, record)
+def newest_valid(
+    directory: str | storage.LocalStorage, records: Sequence[Record], *, quiet: bool = False,
+    incoming: Mapping[str, FileEntry] | None = None,
+) -> Record | None:
+    """The newest of ``records`` (commit order) whose files verify; a warning names each bad one."""
+    store = directory if isinstance(directory, storage.LocalStorage) else storage.LocalStorage(directory)
+    for record in sorted(records, key=lambda r: r.seq, reverse=True):
+        problem = verify(store, record, incoming)
         if problem is None:
             return record
-        warnings.warn(
-            f"keras_ckpt: skipping checkpoint {record.name!r} in {directory}: {problem} "
-            "(corrupt or incomplete); trying the previous one.",
-            stacklevel=3,
-        )
+        if not quiet:
+            warnings.warn(
+                f"keras_ckpt: skipping checkpoint {record.name!r} in {store.directory}: {problem} "
+                "(corrupt or incomplete); trying the previous one.",
+                stacklevel=3,
+            )
     return None
 
 
-def locate(path: str, series: str | None = None) -> tuple[str, Record | None]:
+def in_flight(m: Manifest) -> dict[str, FileEntry]:
+    """The files a commit in flight is bringing in (readers accept them, see :func:`verify`)."""
+    return {} if m.intent is None else {f.path: f for f in m.intent.record.files}
+
+
+def locate(path: str, series: str | None = None, argname: str = "resume") -> tuple[str, Record | None]:
     """Resolve a ``resume=<path>``: a checkpoint file, or a directory holding a manifest.
 
     Returns the main file to load and its record (None for a bare file that no manifest lists).
-    Reads only; nothing in that directory is written or deleted.
+    In a directory, the series named ``series`` is used, else its only series; several
+    candidates are refused. The newest in commit order that verifies is chosen. Reads only.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.isdir(path):
         m = mf.load(path)
-        records = m.records(series) if series and m.records(series) else m.checkpoints
-        if not m.checkpoints:
-            raise FileNotFoundError(f"no keras_ckpt checkpoints (checkpoints.json) in {path!r}")
-        records = sorted(records, key=lambda r: r.time)
-        record = newest_valid(path, records)
+        records = choose_series(m, series, path, argname)
+        record = newest_valid(path, records, incoming=in_flight(m))
         if record is None:
-            raise FileNotFoundError(f"no checkpoint in {path!r} passes its checksum")
+            raise ValueError(f"{argname}={path!r}: no checkpoint there passes its checksum")
         return os.path.join(path, record.path), record
     if not os.path.exists(path):
-        raise FileNotFoundError(f"resume path does not exist: {path!r}")
+        raise ValueError(f"{argname} must be an existing checkpoint file or directory. Received: "
+                         f"{argname}={path!r}")
     directory, base = os.path.split(path)
     m = mf.load(directory) if mf.exists(directory) else Manifest()
     record = next((r for r in m.checkpoints if any(f.path == base for f in r.files)), None)
     if record is not None:
-        problem = verify(directory, record)
+        problem = verify(directory, record, in_flight(m))
         if problem is not None:
-            raise ValueError(f"resume checkpoint {path!r} is corrupt: {problem}")
+            raise ValueError(f"{argname}={path!r} is corrupt: {problem}")
     return path, record
+
+
+def choose_series(m: Manifest, series: str | None, where: str, argname: str = "resume") -> list[Record]:
+    """The records of ``series`` in ``m``, else of its only series; ValueError if ambiguous."""
+    names = sorted({r.series for r in m.checkpoints})
+    if not names:
+        raise ValueError(f"{argname}={where!r} holds no keras_ckpt checkpoints (no records in "
+                         f"{mf.FILENAME})")
+    if series is not None and series in names:
+        return m.records(series)
+    if len(names) == 1:
+        return m.records(names[0])
+    raise ValueError(
+        f"{argname}={where!r} holds several series ({', '.join(names)}) and none is named "
+        f"{series!r}: pass the path of the checkpoint file to resume from."
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 LATEST = "latest"
 BEST = "best"
@@ -40,6 +40,8 @@ UNSET: Any = _Unset()
 
 
 class RecordLike(Protocol):
+    """What the rules read of a record (``keras_ckpt.manifest.Record`` has more)."""
+
     name: str
     epoch: int
     time: float
@@ -116,22 +118,165 @@ def validate_positive_number(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number > 0 or None. Received: {name}={value!r}")
 
 
+class Candidate(NamedTuple):
+    """A value in the race for best: a record's score, or a baseline that no record holds."""
+
+    value: float
+    seq: int
+    name: str | None
+
+
+def ranked(records: Sequence[RecordLike], monitor: str | None, mode: str) -> list[Candidate]:
+    """The scored records, best first: strict order by value, ties to the earlier commit.
+
+    The one ordering behind ``best``, best-N retention and ``save_best_only``, so they can
+    never disagree (an out-of-order ``report()`` included).
+    """
+    sign = 1.0 if mode == "min" else -1.0
+    scored = [
+        Candidate(v, _seq(r, i), r.name)
+        for i, r in enumerate(records)
+        if (v := score(r.metrics, monitor)) is not None
+    ]
+    scored.sort(key=lambda c: (sign * c.value, c.seq))
+    return scored
+
+
+def best_of(
+    records: Sequence[RecordLike], monitor: str | None, mode: str, baseline: Candidate | None = None
+) -> Candidate | None:
+    """Who is best: the first in :func:`ranked` order, unless ``baseline`` beats or ties it.
+
+    ``baseline`` is the best value no listed record holds (``initial_value_threshold``, a best
+    carried from another directory, a best whose file a later save replaced); it wins ties only
+    when it came first (its ``seq``), as Keras's strict improvement does.
+    """
+    ranking = ranked(records, monitor, mode)
+    if baseline is not None:
+        ranking.append(baseline)
+        sign = 1.0 if mode == "min" else -1.0
+        ranking.sort(key=lambda c: (sign * c.value, c.seq))
+    return ranking[0] if ranking else None
+
+
+def _seq(record: RecordLike, index: int) -> int:
+    seq = getattr(record, "seq", 0)
+    return seq if seq else index + 1
+
+
+# -- retention: small rules, each a pure function of the records ---------------------------------
+
+
+@dataclass(frozen=True)
+class KeepLatest:
+    """The ``n`` newest records (None: all). The newest one is kept by the policy regardless."""
+
+    n: int | None
+    reason = LATEST
+
+    def select(self, records: Sequence[RecordLike]) -> list[str]:
+        if self.n is None:
+            return [r.name for r in records]
+        return [r.name for r in records[-self.n :]] if self.n else []
+
+
+@dataclass(frozen=True)
+class KeepBest:
+    """The ``n`` best records by ``monitor``/``mode`` among those of run ``run`` (None: any)."""
+
+    n: int
+    monitor: str | None
+    mode: str
+    run: int | None = None
+    reason = BEST
+
+    def select(self, records: Sequence[RecordLike]) -> list[str]:
+        candidates = [r for r in records if self.run is None or getattr(r, "run", 0) == self.run]
+        return [c.name for c in ranked(candidates, self.monitor, self.mode)[: self.n]]  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class KeepEveryNEpochs:
+    """The end-of-epoch checkpoint of every ``n``-th epoch, kept for good.
+
+    Of the records carrying an epoch count divisible by ``n`` the first is that epoch's end
+    (mid-epoch saves of the next epoch carry the same count). Epoch 0 (saves before any epoch
+    ended) is no multiple of anything here. A record kept so once stays kept (an archive rule:
+    changing the policy later does not delete it).
+    """
+
+    n: int
+    reason = EVERY_N_EPOCHS
+
+    def select(self, records: Sequence[RecordLike]) -> list[str]:
+        first_of_epoch: dict[int, str] = {}
+        for r in records:
+            if r.epoch > 0 and r.epoch % self.n == 0:
+                first_of_epoch.setdefault(r.epoch, r.name)
+        return list(first_of_epoch.values())
+
+
+@dataclass(frozen=True)
+class KeepEveryNHours:
+    """One record per ``hours`` of wall-clock time, kept for good.
+
+    Walking in commit order, a record is kept when it is at least ``hours`` after the previous
+    kept one (or after ``since``, where given: TF's manager measures from its creation; else the
+    first record is kept). Records kept so earlier stay kept and restart the spacing; a clock
+    that stepped back (a record older than the anchor) restarts it from that record.
+    """
+
+    hours: float
+    since: float | None = None
+    reason = EVERY_N_HOURS
+
+    def select(self, records: Sequence[RecordLike]) -> list[str]:
+        interval = self.hours * 3600.0
+        anchor = self.since
+        out = []
+        for r in records:
+            if EVERY_N_HOURS in getattr(r, "kept", ()) or anchor is None or r.time >= anchor + interval:
+                out.append(r.name)
+                anchor = r.time
+            elif r.time < anchor:  # the clock stepped back: measure from here on
+                anchor = r.time
+        return out
+
+
+@dataclass(frozen=True)
+class KeepPending:
+    """Records waiting for their metrics (``report()``): never deleted before they are ranked."""
+
+    reason = PENDING
+
+    def select(self, records: Sequence[RecordLike]) -> list[str]:
+        return [r.name for r in records if r.pending]
+
+
+# Reasons that, once given, stay: these checkpoints are archives, not a rotating set.
+STICKY = (EVERY_N_EPOCHS, EVERY_N_HOURS)
+
+
 @dataclass(frozen=True)
 class RetentionPolicy:
     """Which checkpoints of one series to keep: latest-N ∪ best-N ∪ every-N-epochs ∪ one per N hours.
+
+    A union of small rules (:class:`KeepLatest`, :class:`KeepBest`, :class:`KeepEveryNEpochs`,
+    :class:`KeepEveryNHours`, :class:`KeepPending`), each a pure function of the records, plus two
+    guarantees: the newest record is never deleted, and a record once kept for every-N-epochs or
+    every-N-hours stays kept.
 
     Args:
         max_to_keep: keep the N newest (None: keep all). The newest is kept even with 0.
         keep_best: keep the N best by ``monitor``/``mode``. When rotation is on
             (``max_to_keep`` is not None), the single best is protected even with 0, so rotation
             never deletes the best checkpoint.
-        keep_every_n_epochs: keep the first checkpoint recorded with an epoch count divisible by
-            N (the end-of-epoch save; mid-epoch saves of the next epoch carry the same count).
+        keep_every_n_epochs: keep the end-of-epoch checkpoint of every N-th epoch.
         keep_every_n_hours: keep one checkpoint per N hours, spaced by the records' wall-clock
-            ``time`` (so the spacing survives restarts): walking oldest first, the first record is
-            kept and then each first one at least N hours after the previous kept one.
+            ``time`` (so the spacing survives restarts).
         monitor: the metric name ranked for best-N.
         mode: ``"min"`` or ``"max"``.
+        keep_every_n_hours_since: where the hourly spacing starts (None: at the first record).
     """
 
     max_to_keep: int | None = None
@@ -140,6 +285,7 @@ class RetentionPolicy:
     keep_every_n_hours: float | None = None
     monitor: str | None = None
     mode: str = "min"
+    keep_every_n_hours_since: float | None = None
 
     def __post_init__(self) -> None:
         validate_count("max_to_keep", self.max_to_keep)
@@ -149,16 +295,38 @@ class RetentionPolicy:
         if self.mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max'. Received: mode={self.mode!r}")
 
+    def rules(self, run: int | None = None) -> list:
+        """The rules this policy is the union of; best-N ranks only run ``run``'s records."""
+        n_best = self.keep_best if self.keep_best or self.max_to_keep is None else 1
+        rules: list = [KeepLatest(self.max_to_keep)]
+        if n_best:
+            rules.append(KeepBest(n_best, self.monitor, self.mode, run))
+        if self.keep_every_n_epochs:
+            rules.append(KeepEveryNEpochs(self.keep_every_n_epochs))
+        if self.keep_every_n_hours:
+            rules.append(KeepEveryNHours(self.keep_every_n_hours, self.keep_every_n_hours_since))
+        rules.append(KeepPending())
+        return rules
+
     def best_names(self, records: Sequence[RecordLike], n: int) -> list[str]:
         """The ``n`` best scored records' names, best first; ties favour the older record."""
-        scored = [(score(r.metrics, self.monitor), i, r.name) for i, r in enumerate(records)]
-        scored = [s for s in scored if s[0] is not None]
-        sign = 1.0 if self.mode == "min" else -1.0
-        scored.sort(key=lambda s: (sign * s[0], s[1]))
-        return [name for _, _, name in scored[:n]]
+        return [c.name for c in ranked(records, self.monitor, self.mode)[:n]]  # type: ignore[misc]
 
-    def retain(self, records: Sequence[RecordLike]) -> dict[str, tuple[str, ...]]:
-        """Map each record to keep (by name) to the reasons it is kept; absent names may go."""
+    def retain(
+        self,
+        records: Sequence[RecordLike],
+        *,
+        run: int | None = None,
+        protect: Mapping[str, str] | None = None,
+    ) -> dict[str, tuple[str, ...]]:
+        """Map each record to keep (by name) to the reasons it is kept; absent names may go.
+
+        ``records`` are one series' in commit order. ``run``: only that run's records compete
+        for best-N. ``protect`` maps further names to a reason (the current best, the newest
+        checkpoint that verifies).
+        """
+        if not records:
+            return {}
         reasons: dict[str, list[str]] = {}
 
         def keep(name: str, why: str) -> None:
@@ -166,44 +334,42 @@ class RetentionPolicy:
             if why not in bucket:
                 bucket.append(why)
 
-        if not records:
-            return {}
-        if self.max_to_keep is None:
-            latest = list(records)
-        else:
-            latest = list(records[-self.max_to_keep:]) if self.max_to_keep else []
-        latest.append(records[-1])  # the newest is never deleted
-        for r in latest:
-            keep(r.name, LATEST)
-
-        n_best = self.keep_best if self.keep_best or self.max_to_keep is None else 1
-        for name in self.best_names(records, n_best):
-            keep(name, BEST)
-
-        if self.keep_every_n_epochs:
-            first_of_epoch: dict[int, str] = {}
-            for r in records:
-                if r.epoch > 0 and r.epoch % self.keep_every_n_epochs == 0:
-                    # The first record of an epoch count is its end-of-epoch save; mid-epoch saves
-                    # of the next epoch carry the same count.
-                    first_of_epoch.setdefault(r.epoch, r.name)
-            for name in first_of_epoch.values():
-                keep(name, EVERY_N_EPOCHS)
-
-        if self.keep_every_n_hours:
-            interval = self.keep_every_n_hours * 3600.0
-            anchor: float | None = None
-            for r in records:
-                if anchor is None or r.time >= anchor + interval:
-                    anchor = r.time
-                    keep(r.name, EVERY_N_HOURS)
-
+        for rule in self.rules(run):
+            for name in rule.select(records):
+                keep(name, rule.reason)
+        keep(records[-1].name, LATEST)  # the newest is never deleted
         for r in records:
-            if r.pending:
-                keep(r.name, PENDING)
-
+            for why in getattr(r, "kept", ()):
+                if why in STICKY:
+                    keep(r.name, why)
+        names = {r.name for r in records}
+        for name, why in (protect or {}).items():
+            if name in names:
+                keep(name, why)
         order = {r.name: i for i, r in enumerate(records)}
         return {name: tuple(why) for name, why in sorted(reasons.items(), key=lambda kv: order[kv[0]])}
+
+    def to_json(self) -> dict[str, Any]:
+        """What the manifest stores, so ``keras-ckpt prune`` applies what training applied."""
+        return {
+            "max_to_keep": self.max_to_keep,
+            "keep_best": self.keep_best,
+            "keep_every_n_epochs": self.keep_every_n_epochs,
+            "keep_every_n_hours": self.keep_every_n_hours,
+            "keep_every_n_hours_since": self.keep_every_n_hours_since,
+        }
+
+    @classmethod
+    def from_json(
+        cls, d: Mapping[str, Any], *, monitor: str | None, mode: str, **overrides: Any
+    ) -> RetentionPolicy:
+        """The stored policy (unknown keys ignored), with ``overrides`` replacing fields.
+
+        A stored value of the wrong type raises ValueError naming it, as an argument would.
+        """
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in ("monitor", "mode")}
+        fields.update({k: v for k, v in overrides.items() if v is not UNSET})
+        return cls(monitor=monitor, mode=mode, **fields)
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,19 @@ import contextlib
 import ctypes
 import errno
 import io
+import json
+import math
 import os
+import secrets
 import shutil
 import socket
+import stat as stat_mod
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from typing import IO, Callable
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import IO, Callable, NamedTuple
 
 import xxhash
 
@@ -296,15 +300,35 @@ def _prefix() -> str:
     return f"{TMP_PREFIX}-{writer_identity()}-"
 
 
-def temp_path(directory: str, final_name: str) -> str:
+def _new_name(directory: str, final_name: str) -> str:
     # Ending in the final name keeps its extension for writers that dispatch on it (Keras).
-    fd, path = tempfile.mkstemp(prefix=_prefix(), suffix=f"-{final_name}", dir=directory)
-    os.close(fd)
-    return path
+    return os.path.join(directory, f"{_prefix()}{secrets.token_hex(4)}-{final_name}")
+
+
+def temp_path(directory: str, final_name: str) -> str:
+    """Create an empty temporary file beside ``final_name``, with the mode the umask gives.
+
+    ``tempfile.mkstemp`` would create it 0600, and a rename keeps the mode: colleagues on a
+    shared filesystem could not read the checkpoints.
+    """
+    while True:
+        path = _new_name(directory, final_name)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
 
 
 def temp_dir(directory: str) -> str:
-    return tempfile.mkdtemp(prefix=_prefix(), dir=directory)
+    """Create a temporary directory (a staging area for writers that name their own files)."""
+    while True:
+        path = _new_name(directory, "staging")
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
 
 
 def _pid_alive(pid: int) -> bool:
@@ -318,6 +342,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: readers see the old bytes or the new, never a mix."""
     directory = os.path.dirname(path) or "."
     tmp = temp_path(directory, os.path.basename(path))
     try:
@@ -327,39 +352,65 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        remove_quietly(tmp)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         raise
     fsync_dir(directory)
 
 
-def remove_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name: no directory part, nothing that climbs out."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and name not in (".", "..")
+        and not any(c in name for c in ("/", "\\", "\0"))
+        and not (len(name) > 1 and name[1] == ":")  # a Windows drive
+    )
 
 
-def sweep_temporaries(directory: str) -> None:
+def is_temp_name(name: object) -> bool:
+    """A temporary of ours: ``.keras_ckpt-tmp-…`` or one file inside such a staging directory."""
+    if not isinstance(name, str):
+        return False
+    parts = name.split("/")
+    return (
+        len(parts) in (1, 2)
+        and all(is_plain_name(p) for p in parts)
+        and parts[0].startswith(TMP_PREFIX + "-")
+    )
+
+
+def sweep_temporaries(directory: str, keep: Iterable[str] = ()) -> None:
     """Remove the temporary files that writers which have since died left behind.
 
     A writer of this boot and pid namespace is dead when its pid is gone or now belongs to a
     process that started later. Anyone else's leftovers (another container, another host on a
-    shared filesystem, a previous boot) go once untouched for a day.
+    shared filesystem, a previous boot) go once untouched for a day. Names in ``keep`` (the
+    temporaries an interrupted commit still needs) stay.
     """
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return
     mine, here = writer_identity(), _kernel_tag()
+    keep = {k.split("/")[0] for k in keep}
     for name in names:
-        if not name.startswith(TMP_PREFIX + "-"):
+        if not name.startswith(TMP_PREFIX + "-") or name in keep:
             continue
         identity = name[len(TMP_PREFIX) + 1 :].split("-", 1)[0]
         path = os.path.join(directory, name)
         if identity == mine or not _is_leftover(identity, here, path):
             continue
-        remove_quietly(path)
+        _remove_temporary(path)
+
+
+def _remove_temporary(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def _is_leftover(identity: str, here: str, path: str) -> bool:
@@ -389,8 +440,7 @@ def ensure_directory(directory: str, argname: str, value: str) -> None:
     """Create ``directory`` or raise a ValueError naming the argument that led to it."""
     try:
         os.makedirs(directory or ".", exist_ok=True)
-        probe = temp_path(directory or ".", "probe")
-        os.remove(probe)
+        os.remove(temp_path(directory or ".", "probe"))
     except OSError as e:
         raise ValueError(
             f"{argname} points into a directory that cannot be created or written "
@@ -398,26 +448,363 @@ def ensure_directory(directory: str, argname: str, value: str) -> None:
         ) from e
 
 
-_process_locks: dict[str, threading.Lock] = {}
+_process_locks: dict[str, threading.RLock] = {}
 _process_locks_guard = threading.Lock()
 
 
 @contextlib.contextmanager
 def directory_lock(directory: str) -> Iterator[None]:
-    """Serialise manifest read-modify-write among threads and processes sharing ``directory``."""
+    """Serialise manifest read-modify-write among this process's threads sharing ``directory``.
+
+    Other processes are kept out by the directory's writer lock (:class:`WriterLock`).
+    """
     key = os.path.realpath(directory)
     with _process_locks_guard:
-        lock = _process_locks.setdefault(key, threading.Lock())
+        lock = _process_locks.setdefault(key, threading.RLock())
     with lock:
-        try:
-            import fcntl
-        except ImportError:  # Windows: the in-process lock is what we can offer
-            yield
+        yield
+
+
+# -- one writer process per directory ------------------------------------------------------------
+
+_HEARTBEAT_SECONDS = 15.0
+# A holder on another host or in another container cannot be asked whether it lives, and flock
+# is not coherent on every shared filesystem: it counts as alive while it keeps touching the lock
+# file. Generous against clock skew between hosts; a lost node's lock is taken over after this.
+STALE_LOCK_SECONDS = 120.0
+
+
+class DirectoryLocked(RuntimeError):
+    """Another live process is writing checkpoints to this directory."""
+
+
+class _Held:
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path, self.count = fd, path, 0
+
+
+_held: dict[str, _Held] = {}
+_held_guard = threading.Lock()
+_heartbeat: threading.Thread | None = None
+
+
+def _forget_locks_in_child() -> None:
+    # A forked child shares the parent's lock (same open file description) but is not its holder.
+    global _heartbeat
+    _held.clear()
+    _heartbeat = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def _beat() -> None:
+    while True:
+        time.sleep(_HEARTBEAT_SECONDS)
+        with _held_guard:
+            paths = [h.path for h in _held.values()]
+        for path in paths:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+
+def _describe(holder: dict, path: str) -> str:
+    since = holder.get("since")
+    when = "?"
+    if isinstance(since, (int, float)) and math.isfinite(since):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    try:
+        age = time.time() - os.stat(path).st_mtime
+        seen = f", last seen {age:.0f} s ago"
+    except OSError:
+        seen = ""
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')!s}, since {when}{seen}"
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        data = os.pread(fd, 4096, 0)
+        holder = json.loads(data.decode("utf-8")) if data.strip() else {}
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def acquire_writer(directory: str) -> None:
+    """Make this process the directory's one writer, or raise :class:`DirectoryLocked`.
+
+    Re-entrant within a process (two callbacks sharing a directory, an Estimator's repeated
+    ``train`` calls). A lock left by a dead process of this host is taken over at once; one left
+    on another host (or container) once it has not been refreshed for ``STALE_LOCK_SECONDS``.
+    """
+    global _heartbeat
+    key = os.path.realpath(directory)
+    with _held_guard:
+        held = _held.get(key)
+        if held is not None:
+            held.count += 1
             return
-        fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        path = os.path.join(directory, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            _take(fd, path, directory)
+        except BaseException:
             os.close(fd)
+            raise
+        held = _held[key] = _Held(fd, path)
+        held.count = 1
+        if _heartbeat is None:
+            _heartbeat = threading.Thread(target=_beat, name="keras_ckpt-lock-heartbeat", daemon=True)
+            _heartbeat.start()
+
+
+def _take(fd: int, path: str, directory: str) -> None:
+    holder = _read_holder(fd)
+    try:
+        import fcntl
+    except ImportError:  # Windows: only the heartbeat speaks for a holder
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DirectoryLocked(
+                f"another process is writing checkpoints to {directory}: {_describe(holder, path)}. "
+                "Two writers would rotate away each other's checkpoints; stop that process or "
+                "write to another directory."
+            ) from None
+    identity = holder.get("identity")
+    if holder and identity != writer_identity():
+        local = isinstance(identity, str) and identity.split(".")[0] == _kernel_tag()
+        try:
+            age = time.time() - os.fstat(fd).st_mtime
+        except OSError:
+            age = float("inf")
+        if (not local or fcntl is None) and age < STALE_LOCK_SECONDS:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            raise DirectoryLocked(
+                f"another process is writing checkpoints to {directory}: {_describe(holder, path)}. "
+                f"If that process is gone (a lost node), its lock is taken over once it is "
+                f"{STALE_LOCK_SECONDS:.0f} s old, or delete {path}."
+            )
+        if not local:  # a dead local holder is certain (flock); a silent remote one is a guess
+            warnings.warn(
+                f"keras_ckpt: took over the writer lock of {directory} from "
+                f"{_describe(holder, path)}, which stopped refreshing it.",
+                stacklevel=4,
+            )
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "identity": writer_identity(),
+          "since": time.time()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    os.fsync(fd)
+
+
+def release_writer(directory: str) -> None:
+    """Undo one :func:`acquire_writer`; the last one lets other processes write here."""
+    key = os.path.realpath(directory)
+    with _held_guard:
+        held = _held.get(key)
+        if held is None:
+            return
+        held.count -= 1
+        if held.count > 0:
+            return
+        del _held[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(held.fd, 0)
+        os.close(held.fd)  # closing the last descriptor releases the flock
+
+
+def holds_writer(directory: str) -> bool:
+    return os.path.realpath(directory) in _held
+
+
+# -- one directory, behind one small interface ------------------------------------------------------
+
+
+class FileState(NamedTuple):
+    kind: str  # "file", "missing" or "other" (a directory, FIFO, device, symlink)
+    size: int
+
+
+class LocalStorage:
+    """A checkpoint directory on a local or mounted filesystem, addressed by plain file names.
+
+    The engine reaches files only through this interface (so a remote backend can implement it
+    next): temporaries are created beside their final names, made durable, renamed into place,
+    and the directory is fsynced. Every name is checked to be a plain name inside the directory
+    (or one of our temporaries), so nothing read from a manifest can address a file elsewhere;
+    only regular files are read or deleted, and reads are bounded by the size the caller expects.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = os.path.abspath(os.fspath(directory))
+
+    def path(self, name: str) -> str:
+        if not (is_plain_name(name) or is_temp_name(name)):
+            raise ValueError(f"not a plain file name inside {self.directory}: {name!r}")
+        return os.path.join(self.directory, *name.split("/"))
+
+    def name_of(self, path: str) -> str:
+        """The name of ``path`` relative to this directory (a temporary in a staging dir too)."""
+        rel = os.path.relpath(os.path.abspath(path), self.directory).replace(os.sep, "/")
+        self.path(rel)  # validates
+        return rel
+
+    # -- looking ------------------------------------------------------------------------------
+
+    def is_dir(self) -> bool:
+        return os.path.isdir(self.directory)
+
+    def list(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return []
+
+    def stat(self, name: str) -> FileState:
+        try:
+            st = os.lstat(self.path(name))
+        except FileNotFoundError:
+            return FileState("missing", 0)
+        return FileState("file" if stat_mod.S_ISREG(st.st_mode) else "other", st.st_size)
+
+    def read(self, name: str, limit: int) -> bytes | None:
+        """The bytes of ``name`` (None if it does not exist); ValueError past ``limit`` bytes."""
+        try:
+            fd = os.open(self.path(name), os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ValueError(f"{self.path(name)} cannot be read: {e.strerror or e}") from e
+        if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ValueError(f"{self.path(name)} is not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"{self.path(name)} is larger than {limit} bytes")
+        return data
+
+    def hash(self, name: str, expected_size: int) -> tuple[str | None, str | None]:
+        """(xxh3-128 digest, None), or (None, why not): a missing or special file, a wrong size.
+
+        The size is compared before a byte is read; a FIFO or device never blocks or streams.
+        """
+        path = self.path(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+        except FileNotFoundError:
+            return None, f"{name} is missing"
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return None, f"{name} is a symbolic link, not a checkpoint file"
+            return None, f"{name} cannot be read ({e.strerror or e})"
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None, f"{name} is not a regular file"
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            if st.st_size != expected_size:
+                return None, f"{name} has {st.st_size} bytes, the manifest says {expected_size}"
+            h = xxhash.xxh3_128()
+            buf = bytearray(min(_CHUNK, max(expected_size, 1)))
+            view = memoryview(buf)
+            left = expected_size
+            while left:
+                n = f.readinto(view[: min(len(buf), left)])
+                if not n:
+                    return None, f"{name} is shorter than the manifest says (truncated while read)"
+                h.update(view[:n])
+                left -= n
+        return h.hexdigest(), None
+
+    def copy_to(self, name: str, out: IO[bytes], expected_size: int | None) -> str:
+        """Stream ``name`` into ``out``; returns the xxh3-128 of what was copied.
+
+        A regular file only, and exactly ``expected_size`` bytes where given (ValueError else).
+        """
+        path = self.path(name)
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+        h = xxhash.xxh3_128()
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode) or (expected_size is not None and st.st_size != expected_size):
+            os.close(fd)
+            raise ValueError(f"{path} is not a regular file of the {expected_size} bytes its manifest says")
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            writer = EarlyWriteback(out)
+            buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                h.update(view[:n])
+                writer.write(view[:n])
+        return h.hexdigest()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def ensure(self, argname: str, value: str) -> None:
+        ensure_directory(self.directory, argname, value)
+
+    def new_temp(self, final_name: str) -> str:
+        """Create an empty temporary for ``final_name``; returns its name."""
+        self.path(final_name)
+        return self.name_of(temp_path(self.directory, final_name))
+
+    def new_staging_dir(self) -> str:
+        return self.name_of(temp_dir(self.directory))
+
+    def sync_file(self, name: str) -> None:
+        fsync_path(self.path(name))
+
+    def rename(self, src: str, dst: str) -> None:
+        os.replace(self.path(src), self.path(dst))
+
+    def sync(self) -> None:
+        """Make the renames and deletions so far durable."""
+        fsync_dir(self.directory)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.path(name), data)
+
+    def delete(self, name: str) -> bool:
+        """Delete a regular file (never a directory, never what a symlink points to)."""
+        path = self.path(name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not (stat_mod.S_ISREG(st.st_mode) or stat_mod.S_ISLNK(st.st_mode)):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return True
+
+    def remove_temp(self, name: str) -> None:
+        """Remove one of our temporaries (a staging directory with what it holds, too)."""
+        if not is_temp_name(name):
+            raise ValueError(f"not a keras_ckpt temporary: {name!r}")
+        _remove_temporary(self.path(name))
+
+    def sweep(self, keep: Iterable[str] = ()) -> None:
+        sweep_temporaries(self.directory, keep)
+
+    # -- the one writer -----------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        acquire_writer(self.directory)
+
+    def release(self) -> None:
+        release_writer(self.directory)
+
+    def holds(self) -> bool:
+        return holds_writer(self.directory)
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from keras_ckpt import manifest as mf
-from keras_ckpt.engine import Engine, locate, verify
+from keras_ckpt.engine import Engine, in_flight, locate, verify
 from keras_ckpt.policy import RetentionPolicy
 
 
@@ -202,38 +202,81 @@ def test_sigkill_at_random_instants_never_breaks_committed_state(tmp_path, templ
         p.wait()
         m = mf.load(str(d))
         assert m.checkpoints, "at least one checkpoint committed"
+        for r in m.checkpoints:  # what a reader sees before anyone finishes the commit
+            assert verify(str(d), r, in_flight(m)) is None, r.name
+        e = Engine(str(d / template), framework="t", policy=RetentionPolicy(monitor="m"))
+        e.open()  # finishes or rolls back what the kill interrupted
+        e.close()
+        m = mf.load(str(d))
+        assert m.intent is None
         for r in m.checkpoints:
             assert verify(str(d), r) is None, r.name
-            # An overwrite caught between rename and manifest commit holds the newer epoch.
-            assert (d / r.path).read_bytes()[0] in (r.epoch % 251, (r.epoch + 1) % 251)
-        newest = m.checkpoints[-1].epoch
+            assert (d / r.path).read_bytes()[0] == r.epoch % 251
+        on_disk = {p.name for p in d.iterdir()} - {"checkpoints.json", ".checkpoints.lock"}
+        assert on_disk == m.listed_files(), "after the next open only listed files remain"
+        newest = max(r.epoch for r in m.checkpoints)
         assert newest >= last_epoch
         last_epoch = newest
-        assert len(m.checkpoints) <= 3  # latest 2 + best 1; a save in flight is never listed
-    listed = {f.path for r in mf.load(str(d)).checkpoints for f in r.files}
-    assert listed <= {p.name for p in d.iterdir()}
+        assert len(m.checkpoints) <= 3  # latest 2 + best 1
 
 
-def test_overwrite_interrupted_between_rename_and_commit_still_verifies(tmp_path):
-    import xxhash
+CRASH_AT = r"""
+import os, sys
+from keras_ckpt import storage
+from keras_ckpt.engine import Engine
+from keras_ckpt.policy import RetentionPolicy
+d, template, what, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+calls = {"rename": 0, "write_atomic": 0, "delete": 0}
+for name in calls:
+    original = getattr(storage.LocalStorage, name)
+    def patched(self, *a, _name=name, _orig=original):
+        calls[_name] += 1
+        if _name == what and calls[_name] == n:
+            os._exit(9)  # dies exactly here, like kill -9
+        return _orig(self, *a)
+    setattr(storage.LocalStorage, name, patched)
+rotate = "{" in template
+e = Engine(os.path.join(d, template), framework="t",
+           policy=RetentionPolicy(max_to_keep=1 if rotate else None, monitor="m"))
+e.open()
+epoch = max([r.epoch for r in e.records], default=0)
+for _ in range(3):
+    epoch += 1
+    with e.transaction(os.path.join(d, template.format(epoch=epoch)), epoch=epoch, step=epoch,
+                       metrics={"m": 1.0 / epoch}) as tx:
+        with tx.open() as f:
+            f.write(bytes([epoch]) * 5000)
+"""
 
-    from keras_ckpt.manifest import FileEntry
 
-    e = make_engine(tmp_path, "model.bin")
-    save(e, 1, 0.5, payload=b"old bytes")
-    new = b"newer bytes"
-    # What a kill -9 right after the rename leaves: the new file, the old record (announced).
-    e._announce_replacements([FileEntry("model.bin", len(new), xxhash.xxh3_128_hexdigest(new))])
-    (tmp_path / "model.bin").write_bytes(new)
-    record = mf.load(str(tmp_path)).checkpoints[0]
-    assert verify(str(tmp_path), record) is None
-    (tmp_path / "model.bin").write_bytes(b"torn")
-    assert "does not match" in verify(str(tmp_path), record) or "bytes" in verify(str(tmp_path), record)
-    save(e, 2, 0.4, payload=b"final")
-    assert mf.load(str(tmp_path)).checkpoints[0].files[0].replacing is None
+@pytest.mark.parametrize("template", ["ck-{epoch}.bin", "model.bin"])
+@pytest.mark.parametrize("what,n", [
+    ("write_atomic", 1), ("write_atomic", 2), ("write_atomic", 3), ("write_atomic", 4),
+    ("rename", 1), ("rename", 2), ("delete", 1),
+])
+def test_killed_at_each_step_of_the_commit(tmp_path, template, what, n):
+    """Death before the intent, between intent and rename, rename and commit, commit and delete."""
+    script = tmp_path / "writer.py"
+    script.write_text(CRASH_AT)
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    r = subprocess.run([sys.executable, str(script), str(d), template, what, str(n)])
+    assert r.returncode in (0, 9)
+    e = Engine(str(d / template), framework="t", policy=RetentionPolicy(monitor="m"))
+    e.open()
+    m = mf.load(str(d))
+    assert m.intent is None
+    for rec in m.checkpoints:
+        assert verify(str(d), rec) is None
+        assert (d / rec.path).read_bytes() == bytes([rec.epoch]) * 5000
+    on_disk = {p.name for p in d.iterdir()} - {"checkpoints.json", ".checkpoints.lock"}
+    assert on_disk == m.listed_files()
+    # And it goes on: the next save commits on top of whatever was recovered.
+    save(e, 9, 0.01, template=template)
+    assert e.records[-1].epoch == 9 and verify(str(d), e.records[-1]) is None
 
 
-def test_multi_file_overwrite_cut_short_is_corrupt(tmp_path):
+def test_multi_file_overwrite_cut_short_is_corrupt_for_readers(tmp_path):
     import xxhash
 
     from keras_ckpt.manifest import FileEntry
@@ -243,12 +286,11 @@ def test_multi_file_overwrite_cut_short_is_corrupt(tmp_path):
         for name in ("m.index", "m.data-00000-of-00001"):
             with tx.open(name) as f:
                 f.write(b"old " + name.encode())
-    incoming = {n: b"new " + n.encode() for n in ("m.index", "m.data-00000-of-00001")}
-    e._announce_replacements(
-        [FileEntry(n, len(b), xxhash.xxh3_128_hexdigest(b)) for n, b in incoming.items()])
+    new = {n: b"new " + n.encode() for n in ("m.index", "m.data-00000-of-00001")}
+    incoming = {n: FileEntry(n, len(b), xxhash.xxh3_128_hexdigest(b)) for n, b in new.items()}
     record = mf.load(str(tmp_path)).checkpoints[0]
-    assert verify(str(tmp_path), record) is None  # all old
-    (tmp_path / "m.index").write_bytes(incoming["m.index"])  # killed after the first rename
-    assert "mix two saves" in verify(str(tmp_path), record)
-    (tmp_path / "m.data-00000-of-00001").write_bytes(incoming["m.data-00000-of-00001"])
-    assert verify(str(tmp_path), record) is None  # all new
+    assert verify(str(tmp_path), record, incoming) is None  # all old
+    (tmp_path / "m.index").write_bytes(new["m.index"])  # killed after the first rename
+    assert "mix two saves" in verify(str(tmp_path), record, incoming)
+    (tmp_path / "m.data-00000-of-00001").write_bytes(new["m.data-00000-of-00001"])
+    assert verify(str(tmp_path), record, incoming) is None  # all new
