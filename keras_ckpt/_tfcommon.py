@@ -76,6 +76,25 @@ def build_policy(
     return policy
 
 
+def validate_directory(argname: str, value: Any) -> str:
+    """``value`` as a path string; a TypeError naming ``argname`` when it is not a path."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise TypeError(f"{argname} must be a directory path. Received: {argname}={value!r}")
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise TypeError(f"{argname} must be a str path, not bytes. Received: {argname}={value!r}")
+    return path
+
+
+def validate_basename(argname: str, value: Any) -> None:
+    """A checkpoint prefix base is one file name: it names files inside the directory."""
+    if not isinstance(value, str) or not value or os.path.basename(value) != value or value in (".", ".."):
+        raise ValueError(
+            f"{argname} must be a non-empty file name (no directory part). "
+            f"Received: {argname}={value!r}"
+        )
+
+
 def warn_if_unscored(metrics: Mapping[str, Any], policy: RetentionPolicy, where: str) -> None:
     """Keras's warning when best-N needs the monitor and this checkpoint lacks it (or it is NaN)."""
     if not policy.keep_best or score(metrics, policy.monitor) is not None:

@@ -17,6 +17,8 @@ from keras_ckpt._tfcommon import (
     SeriesAttributes,
     TFHoursPolicy,
     build_policy,
+    validate_basename,
+    validate_directory,
     warn_if_unscored,
 )
 from keras_ckpt.checkpointer import scalar_logs
@@ -142,11 +144,8 @@ class CheckpointManager(SeriesAttributes):
             )
         if init_fn is not None and not callable(init_fn):
             raise TypeError(f"init_fn must be callable or None. Received: init_fn={init_fn!r}")
-        if not isinstance(checkpoint_name, str) or not checkpoint_name or os.sep in checkpoint_name:
-            raise ValueError(
-                "checkpoint_name must be a non-empty file name (no directory). "
-                f"Received: checkpoint_name={checkpoint_name!r}"
-            )
+        directory = validate_directory("directory", directory)
+        validate_basename("checkpoint_name", checkpoint_name)
         policy = build_policy(
             max_to_keep=max_to_keep,
             keep_best=keep_best,

@@ -144,6 +144,8 @@ def test_missing_monitor_warns_and_counts_as_unscored(tmp_path):
         ({"max_to_keep": 1, "checkpoint_interval": 0}, "Received: checkpoint_interval=0"),
         ({"max_to_keep": 1, "keep_best": 1}, "pass monitor=... as well"),
         ({"max_to_keep": 1, "monitor": "val_loss", "mode": "up"}, "Received: mode='up'"),
+        ({"max_to_keep": 1, "checkpoint_name": "sub/ckpt"}, "Received: checkpoint_name='sub/ckpt'"),
+        ({"max_to_keep": 1, "checkpoint_name": ""}, "Received: checkpoint_name=''"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, message):
@@ -151,6 +153,14 @@ def test_bad_arguments(tmp_path, kwargs, message):
     escaped = message.replace("(", r"\(").replace(".", r"\.")
     with pytest.raises(ValueError, match=escaped):
         CheckpointManager(checkpoint, tmp_path, **kwargs)
+
+
+def test_bad_argument_types(tmp_path):
+    checkpoint, _ = _helper().make_state()
+    with pytest.raises(TypeError, match="Received: directory=123"):
+        CheckpointManager(checkpoint, 123, max_to_keep=1)
+    with pytest.raises(TypeError, match="Received: init_fn=3"):
+        CheckpointManager(checkpoint, tmp_path, max_to_keep=1, init_fn=3)
 
 
 # -- drop-in compatibility with tf.train.CheckpointManager ------------------------------------
@@ -206,8 +216,9 @@ def test_adopts_the_checkpoints_of_tfs_own_manager_and_rotates_them(tmp_path):
     tf.train.Checkpoint(v=tf.Variable(1.0)).save(str(tmp_path / "other"))  # not ours: another name
 
     checkpoint, state = helper.make_state()
-    with pytest.warns(UserWarning, match=r"adopted 3 TensorFlow checkpoint\(s\).*ckpt-1, ckpt-2, ckpt-3"):
-        manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    with pytest.warns(UserWarning, match=r"does not list \(other-1\)"):
+        with pytest.warns(UserWarning, match=r"adopted 3 TensorFlow checkpoint\(s\).*ckpt-1, ckpt-2, ckpt-3"):
+            manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
     newest = str(tmp_path / "ckpt-3")
     assert manager.latest_checkpoint == newest
     assert manager.checkpoints == [str(tmp_path / f"ckpt-{n}") for n in (1, 2, 3)]
@@ -234,8 +245,9 @@ def test_adopts_checkpoint_save_output_of_its_name_only(tmp_path):
     # An incomplete checkpoint (a data shard missing) is not adopted either.
     open(tmp_path / "ckpt-7.index", "wb").close()
     v.assign(0.0)
-    with pytest.warns(UserWarning, match="adopted 2 TensorFlow"):
-        manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    with pytest.warns(UserWarning, match=r"does not list \(ckpt-7\)"):
+        with pytest.warns(UserWarning, match="adopted 2 TensorFlow"):
+            manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
     assert manager.restore_or_initialize() == str(tmp_path / "ckpt-2") and v.numpy() == 2.0
     manager.save()
     assert _prefixes_on_disk(tmp_path) == ["ckpt-3", "ckpt-7"]
