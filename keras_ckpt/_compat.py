@@ -33,7 +33,19 @@ class PrivateAPI:
 
 
 KERAS: tuple[PrivateAPI, ...] = ()
-TENSORFLOW: tuple[PrivateAPI, ...] = ()
+TENSORFLOW: tuple[PrivateAPI, ...] = (
+    # Not called by keras_ckpt but overridden: TPUEstimator tells every CheckpointSaverHook how
+    # many steps one session.run advances through it. Valid in TF 2.15 and 2.21.
+    PrivateAPI(
+        "tensorflow",
+        "tensorflow",
+        "compat.v1.train.CheckpointSaverHook._set_steps_per_run",
+        params=("steps_per_run",),
+        used_by="keras_ckpt.estimator.CheckpointHook._set_steps_per_run (its override)",
+        fallback="none needed: if TF stops calling it, the hook keeps its default (a save may be "
+        "due after any run, one extra global-step read per run)",
+    ),
+)
 TORCH: tuple[PrivateAPI, ...] = ()
 
 ALL: tuple[PrivateAPI, ...] = KERAS + TENSORFLOW + TORCH

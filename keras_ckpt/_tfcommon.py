@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import tensorflow as tf
@@ -27,9 +29,20 @@ from keras_ckpt import manifest as mf
 from keras_ckpt import storage
 from keras_ckpt.engine import Engine, Transaction
 from keras_ckpt.manifest import Record
-from keras_ckpt.policy import RetentionPolicy, resolve_mode, score, undecidable_mode
+from keras_ckpt.policy import (
+    EVERY_N_HOURS,
+    RecordLike,
+    RetentionPolicy,
+    resolve_mode,
+    score,
+    undecidable_mode,
+)
 
 STATE_FILE = "checkpoint"
+# The series-state key (checkpoints.json) of TF's ``last_preserved_timestamp``: the anchor
+# ``keep_checkpoint_every_n_hours`` measures from, committed with the records it decided on.
+LAST_PRESERVED = "tf_last_preserved_timestamp"
+_DATA_SHARD = re.compile(r"\.data-(\d{5})-of-(\d{5})")
 
 
 def build_policy(
@@ -63,6 +76,25 @@ def build_policy(
     return policy
 
 
+def validate_directory(argname: str, value: Any) -> str:
+    """``value`` as a path string; a TypeError naming ``argname`` when it is not a path."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise TypeError(f"{argname} must be a directory path. Received: {argname}={value!r}")
+    path = os.fspath(value)
+    if not isinstance(path, str):
+        raise TypeError(f"{argname} must be a str path, not bytes. Received: {argname}={value!r}")
+    return path
+
+
+def validate_basename(argname: str, value: Any) -> None:
+    """A checkpoint prefix base is one file name: it names files inside the directory."""
+    if not isinstance(value, str) or not value or os.path.basename(value) != value or value in (".", ".."):
+        raise ValueError(
+            f"{argname} must be a non-empty file name (no directory part). "
+            f"Received: {argname}={value!r}"
+        )
+
+
 def warn_if_unscored(metrics: Mapping[str, Any], policy: RetentionPolicy, where: str) -> None:
     """Keras's warning when best-N needs the monitor and this checkpoint lacks it (or it is NaN)."""
     if not policy.keep_best or score(metrics, policy.monitor) is not None:
@@ -74,17 +106,89 @@ def warn_if_unscored(metrics: Mapping[str, Any], policy: RetentionPolicy, where:
     warnings.warn(message, stacklevel=3)
 
 
+def _prefix_files(names: Sequence[str], base: str) -> list[str] | None:
+    """The files of checkpoint prefix ``base`` among ``names``, ``.index`` first (the record's main
+    file); None unless they form one complete TF checkpoint (the index and every data shard)."""
+    if base + ".index" not in names:
+        return None
+    shards = [n for n in names if n.startswith(base + ".data-")]
+    parsed = [_DATA_SHARD.fullmatch(n[len(base):]) for n in shards]
+    if not shards or not all(parsed):
+        return None
+    totals = {int(m.group(2)) for m in parsed}  # type: ignore[union-attr]
+    indices = {int(m.group(1)) for m in parsed}  # type: ignore[union-attr]
+    if len(totals) != 1 or indices != set(range(totals.pop())):
+        return None
+    files = [base + ".index", *sorted(shards)]
+    if base + ".meta" in names:  # a TF1 Saver's graph
+        files.append(base + ".meta")
+    return files
+
+
 def _staged_files(staged_prefix: str) -> list[str]:
     """The files a TF writer produced for ``staged_prefix``: ``.index`` first (the record's main file)."""
     directory, base = os.path.split(staged_prefix)
-    names = [
-        n
-        for n in os.listdir(directory)
-        if n == base + ".index" or n == base + ".meta" or n.startswith(base + ".data-")
-    ]
-    if base + ".index" not in names:
-        raise RuntimeError(f"the TF writer produced no {base}.index in {directory}")
-    return sorted(names, key=lambda n: (not n.endswith(".index"), n.endswith(".meta"), n))
+    names = os.listdir(directory)
+    files = _prefix_files(names, base)
+    if files is None:
+        raise RuntimeError(f"the TF writer produced no complete {base} checkpoint in {directory}")
+    return files
+
+
+class HoursAnchor:
+    """TF's ``last_preserved_timestamp`` of one series, kept in its manifest series state.
+
+    ``preserved`` names checkpoints that TF would never delete although no rule marked them yet
+    (those that existed when the clock was found to have gone backwards).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self.preserved: frozenset[str] = frozenset()
+
+    @property
+    def value(self) -> float | None:
+        value = self._engine.state.extra.get(LAST_PRESERVED)
+        return None if value is None else float(value)
+
+    @value.setter
+    def value(self, timestamp: float) -> None:
+        # The engine writes its series state with the retention result: one manifest commit.
+        self._engine.state.extra[LAST_PRESERVED] = float(timestamp)
+
+
+@dataclass(frozen=True)
+class TFHoursPolicy(RetentionPolicy):
+    """The retention policy with ``keep_every_n_hours`` as ``tf.train.CheckpointManager`` does it.
+
+    A checkpoint leaving the latest-N (and best-N) set is preserved when it is at least N hours
+    newer than the last preserved one, or, before any was, than the anchor the first manager set
+    at its creation (TF's ``last_preserved_timestamp``); the anchor then moves to it. Once
+    preserved (recorded as ``kept: every_n_hours``), a checkpoint is never deleted again, whatever
+    a later manager's ``keep_checkpoint_every_n_hours`` (TF drops it from its list instead).
+    """
+
+    anchor: HoursAnchor | None = field(default=None, compare=False, repr=False)
+
+    def retain(self, records: Sequence[RecordLike]) -> dict[str, tuple[str, ...]]:
+        rotation = replace(self, keep_every_n_hours=None)
+        reasons = {n: list(w) for n, w in RetentionPolicy.retain(rotation, records).items()}
+        preserved = self.anchor.preserved if self.anchor is not None else frozenset()
+        interval = self.keep_every_n_hours * 3600.0 if self.keep_every_n_hours else None
+        for r in records:  # oldest first, as TF's sweep pops them
+            kept_before = EVERY_N_HOURS in getattr(r, "kept", ()) or r.name in preserved
+            if not kept_before and (r.name in reasons or interval is None or self.anchor is None):
+                continue
+            if not kept_before:
+                last = self.anchor.value  # type: ignore[union-attr]
+                if last is not None and r.time - interval < last:  # type: ignore[operator]
+                    continue
+                self.anchor.value = r.time  # type: ignore[union-attr]
+            bucket = reasons.setdefault(r.name, [])
+            if EVERY_N_HOURS not in bucket:
+                bucket.append(EVERY_N_HOURS)
+        order = {r.name: i for i, r in enumerate(records)}
+        return {n: tuple(w) for n, w in sorted(reasons.items(), key=lambda kv: order[kv[0]])}
 
 
 class SeriesAttributes:
@@ -143,13 +247,17 @@ class PrefixSeries:
 
     # -- set-up and restore -------------------------------------------------------------------
 
-    def open(self) -> Record | None:
+    def open(self, *, adopt: bool = False) -> Record | None:
         """Load the manifest and point TF's state file at the newest checkpoint that verifies.
 
-        A corrupt newest checkpoint is skipped with a warning (the engine names it). Returns the
-        record TF will restore from, or None.
+        With ``adopt``, a series that has no records yet first takes over the TF checkpoints of
+        its name already in the directory (see :meth:`adopt_tf_checkpoints`). A corrupt newest
+        checkpoint is skipped with a warning (the engine names it). Returns the record TF will
+        restore from, or None.
         """
         self.engine.open(self._argname)
+        if adopt:
+            self.adopt_tf_checkpoints()
         record = self.engine.latest_valid()
         if record is not None:
             self.point_state_file(record.name)
@@ -158,6 +266,90 @@ class PrefixSeries:
             storage.remove_quietly(os.path.join(self.directory, STATE_FILE))
         self.check_foreign()
         return record
+
+    def read_state(self) -> Any:
+        """TF's ``CheckpointState`` of the directory (absolute paths), or None if absent/unreadable."""
+        try:
+            return tf.train.get_checkpoint_state(self.directory)
+        except (ValueError, tf.errors.OpError):  # a damaged state file: TF's readers refuse it too
+            return None
+
+    def adopt_tf_checkpoints(self) -> list[Record]:
+        """List the complete TF checkpoints ``<basename>-<N>`` already here in the manifest.
+
+        Only when this series has no records yet (its first use), and only prefixes whose name
+        says they are this series' (``basename`` + ``-`` + a number) with their ``.index`` and
+        every ``.data`` shard present: those are the checkpoints ``tf.train.Checkpoint.save`` or
+        TF's own ``CheckpointManager`` wrote under the same name, so the job continues from them
+        and retention then rotates them like its own. They are ordered as TF's state file lists
+        them (those it no longer lists first, by number), with its timestamps where TF's manager
+        wrote them (else the ``.index`` modification time), and hashed. The ones TF's manager
+        had preserved for ``keep_checkpoint_every_n_hours`` (no longer in its list) stay
+        preserved. Its ``last_preserved_timestamp`` becomes the series' hours anchor.
+
+        Returns:
+            The adopted records, oldest first (empty when there was nothing to adopt).
+        """
+        if self.engine.records:
+            return []
+        names = os.listdir(self.directory)
+        listed = {f.path for r in mf.load(self.directory).checkpoints for f in r.files}
+        pattern = re.compile(re.escape(self.basename) + r"-(\d+)\.index")
+        found: dict[str, tuple[int, list[str]]] = {}
+        for n in names:
+            m = pattern.fullmatch(n)
+            files = _prefix_files(names, n[: -len(".index")]) if m else None
+            if m and files and not listed.intersection(files):
+                found[n[: -len(".index")]] = (int(m.group(1)), files)
+        if not found:
+            return []
+        state = self.read_state()
+        in_state: list[str] = []
+        stamps: dict[str, float] = {}
+        by_manager = state is not None and bool(state.all_model_checkpoint_timestamps)
+        if state is not None:
+            paths = [p for p in state.all_model_checkpoint_paths]
+            in_state = [os.path.basename(p) for p in paths if os.path.basename(p) in found]
+            if by_manager:
+                stamps = {os.path.basename(p): t for p, t in
+                          zip(paths, state.all_model_checkpoint_timestamps)}
+        rest = sorted((b for b in found if b not in in_state), key=lambda b: found[b][0])
+        last_preserved = state.last_preserved_timestamp if by_manager else None
+        records = []
+        for base in rest + in_state:
+            entries = []
+            for file_name in found[base][1]:
+                digest, size = storage.hash_file(os.path.join(self.directory, file_name))
+                entries.append(mf.FileEntry(file_name, size, digest))
+            index = os.path.join(self.directory, base + ".index")
+            when = stamps.get(base, os.path.getmtime(index))
+            record = mf.make_record(
+                base, self.engine.series, epoch=0, step=0, time=when, metrics=None,
+                files=tuple(entries),
+            )
+            # TF's manager never deletes what it preserved or no longer tracks (not in its
+            # list, or not newer than its last preserved timestamp).
+            if by_manager and (base not in in_state or when <= last_preserved):  # type: ignore[operator]
+                record = replace(record, kept=(EVERY_N_HOURS,))
+            records.append(record)
+        with storage.directory_lock(self.directory):
+            m = mf.load(self.directory)
+            if m.records(self.engine.series):  # another process adopted them meanwhile
+                self.engine.reload()
+                return []
+            if last_preserved is not None:
+                self.engine.state.extra[LAST_PRESERVED] = float(last_preserved)
+            m.series[self.engine.series] = self.engine.state
+            m.checkpoints.extend(records)
+            mf.save(self.directory, m)
+        self.engine.reload()
+        warnings.warn(
+            f"keras_ckpt: adopted {len(records)} TensorFlow checkpoint(s) of {self.directory} "
+            f"({', '.join(r.name for r in records)}) into checkpoints.json: this manager restores "
+            "the newest and rotates them by its retention from now on.",
+            stacklevel=3,
+        )
+        return records
 
     def prefix(self, record: Record | None) -> str | None:
         """The checkpoint prefix TF's readers take (``tf.train.load_checkpoint``, ``restore``).
@@ -204,11 +396,16 @@ class PrefixSeries:
         Only the newest is listed: TF's Saver adopts every path in ``all_model_checkpoint_paths``
         when it restores and later rotates them away. Paths are written relative (the directory is
         absolute here; TF resolves a relative ``save_dir`` against the current directory), so a
-        copied directory still resolves to its own files. No timestamps are written, so a stock
-        ``tf.train.CheckpointManager`` opened here later does not take them over either.
+        copied directory still resolves to its own files. No per-checkpoint timestamps are
+        written, so a stock ``tf.train.CheckpointManager`` opened here later does not take them
+        over either; the series' every-N-hours anchor is (TF's ``last_preserved_timestamp``).
         """
+        anchor = self.engine.state.extra.get(LAST_PRESERVED)
         proto = tf.compat.v1.train.generate_checkpoint_state_proto(
-            self.directory, name, all_model_checkpoint_paths=[name]
+            self.directory,
+            name,
+            all_model_checkpoint_paths=[name],
+            last_preserved_timestamp=None if anchor is None else float(anchor),
         )
         text = text_format.MessageToString(proto)
         self._state_text = text

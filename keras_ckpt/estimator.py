@@ -16,7 +16,14 @@ from typing import Any
 
 import tensorflow as tf
 
-from keras_ckpt._tfcommon import PrefixSeries, SeriesAttributes, build_policy, warn_if_unscored
+from keras_ckpt._tfcommon import (
+    PrefixSeries,
+    SeriesAttributes,
+    build_policy,
+    validate_basename,
+    validate_directory,
+    warn_if_unscored,
+)
 from keras_ckpt.checkpointer import scalar_logs
 from keras_ckpt.manifest import Record
 from keras_ckpt.policy import validate_count, validate_positive_number
@@ -27,6 +34,24 @@ _FOREIGN_HINT = (
     "save_checkpoint_steps): otherwise it adds TF's own CheckpointSaverHook, which saves every "
     "600 s by default. Estimator adds no saver of its own when given this hook."
 )
+
+
+def _validate_listeners(listeners: Any) -> list[tf.compat.v1.train.CheckpointSaverListener]:
+    """``listeners`` as a list; a TypeError naming the argument for anything but listeners."""
+    if listeners is None:
+        return []
+    if isinstance(listeners, (str, bytes, Mapping)) or not isinstance(listeners, Sequence):
+        raise TypeError(
+            "listeners must be a list of tf.compat.v1.train.CheckpointSaverListener. "
+            f"Received: listeners={listeners!r}"
+        )
+    bad = [x for x in listeners if not isinstance(x, tf.compat.v1.train.CheckpointSaverListener)]
+    if bad:
+        raise TypeError(
+            "listeners must be tf.compat.v1.train.CheckpointSaverListener objects. "
+            f"Received: listeners={list(listeners)!r}"
+        )
+    return list(listeners)
 
 
 def _chief_from_tf_config() -> bool:
@@ -159,7 +184,12 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
             )
         validate_count("save_steps", save_steps, minimum=1)
         validate_positive_number("save_secs", save_secs)
-        if monitor_reduce not in _REDUCTIONS:
+        checkpoint_dir = validate_directory("checkpoint_dir", checkpoint_dir)
+        validate_basename("checkpoint_basename", checkpoint_basename)
+        if is_chief is not None and not isinstance(is_chief, bool):
+            raise TypeError(f"is_chief must be True, False or None. Received: is_chief={is_chief!r}")
+        listeners = _validate_listeners(listeners)
+        if not isinstance(monitor_reduce, str) or monitor_reduce not in _REDUCTIONS:
             raise ValueError(
                 f"monitor_reduce must be one of {list(_REDUCTIONS)}. "
                 f"Received: monitor_reduce={monitor_reduce!r}"
@@ -169,14 +199,26 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
                 "monitor_reduce='report' ranks checkpoints by a reported metric: pass "
                 "monitor=<a key of estimator.evaluate's results>. Received: monitor=None"
             )
-        checkpoint_dir = os.fspath(checkpoint_dir)
         super().__init__(
             checkpoint_dir,
             save_secs=save_secs,
             save_steps=save_steps,
             checkpoint_basename=checkpoint_basename,
-            listeners=list(listeners or ()),
+            listeners=listeners,
         )
+        # The state the hook uses is its own, not what CheckpointSaverHook.__init__ happens to
+        # set under these private names in this TF version (the base class is subclassed only so
+        # that Estimator adds no saver of its own; every hook method is overridden).
+        self._checkpoint_dir = checkpoint_dir
+        self._save_path = os.path.join(checkpoint_dir, checkpoint_basename)
+        self._listeners = listeners
+        self._timer = tf.compat.v1.train.SecondOrStepTimer(
+            every_secs=save_secs, every_steps=save_steps
+        )
+        self._saver: tf.compat.v1.train.Saver | None = None
+        # Steps one session.run advances; unknown unless TPUEstimator says (_set_steps_per_run):
+        # then a save may be due after any run, as in TF's hook.
+        self._steps_per_run = 1_000_000
         self._reduce = monitor_reduce
         # The manifest key: "loss:0" and "loss" both record as "loss".
         tensor_named = isinstance(monitor, str) and monitor_reduce != "report"
@@ -189,7 +231,7 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
             monitor=key,
             mode=mode,
         )
-        self._is_chief = _chief_from_tf_config() if is_chief is None else bool(is_chief)
+        self._is_chief = _chief_from_tf_config() if is_chief is None else is_chief
         self._series = PrefixSeries(
             checkpoint_dir,
             checkpoint_basename,
@@ -212,6 +254,10 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
         """The prefix of the newest checkpoint, or None."""
         records = self._series.engine.records
         return self._series.prefix(records[-1] if records else None)
+
+    def _set_steps_per_run(self, steps_per_run: int) -> None:
+        # TPUEstimator calls this private CheckpointSaverHook method (keras_ckpt/_compat.py).
+        self._steps_per_run = steps_per_run
 
     # -- SessionRunHook -----------------------------------------------------------------------
 

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
+import warnings
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import tensorflow as tf
 
-from keras_ckpt._tfcommon import PrefixSeries, SeriesAttributes, build_policy, warn_if_unscored
+from keras_ckpt._tfcommon import (
+    HoursAnchor,
+    PrefixSeries,
+    SeriesAttributes,
+    TFHoursPolicy,
+    build_policy,
+    validate_basename,
+    validate_directory,
+    warn_if_unscored,
+)
 from keras_ckpt.checkpointer import scalar_logs
-from keras_ckpt.policy import validate_count, validate_positive_number
+from keras_ckpt.policy import EVERY_N_HOURS, validate_count, validate_positive_number
 
 _FOREIGN_HINT = (
     "Use one manager per directory, and do not call checkpoint.save() into it: "
@@ -36,12 +48,29 @@ class CheckpointManager(SeriesAttributes):
     a warning, for the previous good one. TF's ``checkpoint`` state file names the newest
     checkpoint, so ``tf.train.latest_checkpoint(directory)`` agrees with ``latest_checkpoint``.
 
+    ``keep_checkpoint_every_n_hours`` works as TF's: a checkpoint rotating out of the latest-N
+    set is preserved when it is at least N hours newer than the last preserved one (before any
+    was: than the creation of the first manager of the directory); a preserved checkpoint is
+    never deleted, also by a later manager without ``keep_checkpoint_every_n_hours``, and is left
+    out of ``checkpoints`` as TF does. When the clock is behind the last preserved timestamp
+    (it went backwards), the manager warns, as TF does, and never deletes the checkpoints that
+    existed then.
+
+    Switching a job from TF's manager: on construction, a directory whose manifest has no
+    records of this ``checkpoint_name`` adopts the complete TF checkpoints named
+    ``<checkpoint_name>-<N>`` (written by ``tf.train.Checkpoint.save`` or
+    ``tf.train.CheckpointManager``) into ``checkpoints.json``, with a warning: they are hashed,
+    ordered by TF's ``checkpoint`` state file (else by number), restored from, and from then on
+    rotated by this manager's retention (those TF's manager had preserved stay). Other
+    checkpoints in the directory (another name, an incomplete set of files, or anything once the
+    series has records) are never adopted nor deleted; while nothing of ours can be restored,
+    ``latest_checkpoint`` is the one TF's state file names, as with TF's manager.
+
     Differences from TF's: ``max_to_keep=0`` keeps only the newest (TF refuses 0);
-    ``checkpoints`` lists every checkpoint kept for any reason, oldest first (TF leaves out the
-    ones kept by ``keep_checkpoint_every_n_hours``); saving works in eager mode only (use
-    :class:`keras_ckpt.estimator.CheckpointHook` in graph mode). Checkpoints that
-    ``checkpoints.json`` does not list (another manager's) are never deleted nor restored: the
-    manager warns about them and ``restore_or_initialize`` starts fresh.
+    ``checkpoints`` also lists the ones kept for best-N; TF's ``checkpoint`` state file names
+    only the newest checkpoint, without per-checkpoint timestamps (so no TF saver opened here
+    later rotates ours away); saving works in eager mode only (use
+    :class:`keras_ckpt.estimator.CheckpointHook` in graph mode).
 
     Example:
 
@@ -59,19 +88,24 @@ class CheckpointManager(SeriesAttributes):
         checkpoint: the ``tf.train.Checkpoint`` to save and restore.
         directory: where checkpoints, ``checkpoints.json`` and TF's ``checkpoint`` file live.
         max_to_keep: keep the N newest checkpoints (None: all). The newest is never deleted.
-        keep_checkpoint_every_n_hours: never delete one checkpoint per N hours (spaced by the
-            manifest's save times).
+        keep_checkpoint_every_n_hours: preserve, as TF does, a checkpoint rotating out of the
+            latest-N set when it is N hours newer than the last one preserved (spaced by the
+            manifest's save times, measured from the first manager's creation).
         checkpoint_name: the prefix base name; checkpoints are ``<checkpoint_name>-<number>``.
         step_counter: a ``tf.Variable`` holding the training step; recorded as each checkpoint's
             ``step``, and required with ``checkpoint_interval``.
         checkpoint_interval: ``save`` skips unless ``step_counter`` advanced this many steps
             since the previous save.
         init_fn: called by ``restore_or_initialize`` when there is nothing to restore.
+        last_checkpoint_step: the ``step_counter`` value of the last checkpoint saved, where
+            ``checkpoint_interval`` starts counting (None: the first ``save`` saves).
         keep_best: also keep the N best checkpoints by ``monitor``/``mode``.
         monitor: the key of ``save(metrics=...)`` ranked for best-N.
         mode: ``"min"``, ``"max"``, or ``"auto"`` (inferred from the monitor's name).
 
     Attributes:
+        last_checkpoint_step: the ``step_counter`` value at the last save or restore (with
+            ``checkpoint_interval``), as in TF.
         records: the manifest records of this manager's checkpoints, oldest first.
         best: the best monitored value so far (None before one is known).
         best_checkpoint: the prefix of the best checkpoint, or None.
@@ -87,6 +121,7 @@ class CheckpointManager(SeriesAttributes):
         step_counter: tf.Variable | None = None,
         checkpoint_interval: int | None = None,
         init_fn: Callable[[], Any] | None = None,
+        last_checkpoint_step: int | None = None,
         *,
         keep_best: int = 0,
         monitor: str | None = None,
@@ -100,6 +135,17 @@ class CheckpointManager(SeriesAttributes):
                 f"tf.Variable> as well. Received: checkpoint_interval={checkpoint_interval!r}, "
                 "step_counter=None"
             )
+        if last_checkpoint_step is not None and (
+            isinstance(last_checkpoint_step, bool) or not isinstance(last_checkpoint_step, int)
+        ):
+            raise TypeError(
+                "last_checkpoint_step must be an integer step or None. "
+                f"Received: last_checkpoint_step={last_checkpoint_step!r}"
+            )
+        if init_fn is not None and not callable(init_fn):
+            raise TypeError(f"init_fn must be callable or None. Received: init_fn={init_fn!r}")
+        directory = validate_directory("directory", directory)
+        validate_basename("checkpoint_name", checkpoint_name)
         policy = build_policy(
             max_to_keep=max_to_keep,
             keep_best=keep_best,
@@ -112,7 +158,9 @@ class CheckpointManager(SeriesAttributes):
         self._step_counter = step_counter
         self._checkpoint_interval = checkpoint_interval
         self._init_fn = init_fn
-        self._last_checkpoint_step: int | None = None
+        # TF keeps it only with checkpoint_interval; so do we (it is what the interval counts from).
+        self._last_checkpoint_step = last_checkpoint_step if checkpoint_interval is not None else None
+        created = time.time()
         self._series = PrefixSeries(
             self._directory,
             checkpoint_name,
@@ -121,7 +169,43 @@ class CheckpointManager(SeriesAttributes):
             argname="directory",
             foreign_hint=_FOREIGN_HINT,
         )
-        self._latest = self._series.open()
+        self._latest = self._series.open(adopt=True)
+        self._hours = self._start_hours_anchor(policy, created)
+        self._foreign_latest = None if self._latest is not None else self._state_file_latest()
+
+    def _start_hours_anchor(self, policy: Any, created: float) -> HoursAnchor:
+        """Set up TF's every-N-hours bookkeeping: the anchor, and TF's guard for a clock reset."""
+        engine = self._series.engine
+        anchor = HoursAnchor(engine)
+        if anchor.value is None:
+            # As TF: a first manager measures from its creation (a second early, against races).
+            anchor.value = created - 1.0
+        elif created < anchor.value:
+            warnings.warn(
+                f"time.time() returned a value {anchor.value - created:f} seconds behind the last "
+                f"preserved checkpoint timestamp (in {self._series.directory}): the clock went "
+                "backwards. The checkpoints there now are kept (never deleted by rotation).",
+                stacklevel=3,
+            )
+            anchor.value = created
+            anchor.preserved = frozenset(r.name for r in engine.records)
+        engine.set_policy(TFHoursPolicy(**{
+            f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)
+        }, anchor=anchor))
+        return anchor
+
+    def _state_file_latest(self) -> str | None:
+        """The checkpoint TF's state file names, when it exists (TF's ``latest_checkpoint``)."""
+        state = self._series.read_state()
+        if state is None or not state.model_checkpoint_path:
+            return None
+        path = state.model_checkpoint_path
+        if not tf.io.gfile.exists(path + ".index"):
+            return None
+        if os.path.dirname(path) == self._series.directory:
+            # Spelled as TF's manager spells it: joined to the directory as given.
+            return os.path.join(self._directory, os.path.basename(path))
+        return path
 
     # -- TF's properties ----------------------------------------------------------------------
 
@@ -138,14 +222,32 @@ class CheckpointManager(SeriesAttributes):
         return self._checkpoint_interval
 
     @property
+    def last_checkpoint_step(self) -> int | None:
+        """The ``step_counter`` value at the last save or restore (with ``checkpoint_interval``)."""
+        return self._last_checkpoint_step
+
+    @property
     def latest_checkpoint(self) -> str | None:
-        """The prefix of the newest checkpoint (at construction: the newest that verifies)."""
+        """The prefix of the newest checkpoint (at construction: the newest that verifies).
+
+        While this manager has none, the checkpoint TF's state file names (as TF's manager).
+        """
+        if self._latest is None:
+            return self._foreign_latest
         return self._series.prefix(self._latest)
 
     @property
     def checkpoints(self) -> list[str]:
-        """The prefixes of the kept checkpoints, oldest first."""
-        return [self._series.prefix(r) for r in self._series.engine.records]
+        """The prefixes of the managed checkpoints (latest-N and best-N), oldest first.
+
+        As in TF, checkpoints preserved by ``keep_checkpoint_every_n_hours`` (or kept because
+        the clock went backwards) are not listed.
+        """
+        return [
+            self._series.prefix(r)  # type: ignore[misc]
+            for r in self._series.engine.records
+            if not (set(r.kept) <= {EVERY_N_HOURS} and r.kept) and r.name not in self._hours.preserved
+        ]
 
     # -- saving and restoring -----------------------------------------------------------------
 

@@ -237,11 +237,38 @@ def test_mean_and_last_reductions(tmp_path):
         ({"save_steps": 1, "monitor_reduce": "report"}, "Received: monitor=None"),
         ({"save_steps": 1, "monitor": "loss", "mode": "bigger"}, "Received: mode='bigger'"),
         ({"save_steps": 1, "monitor": "gradient_norm"}, "Pass mode='min' or mode='max'"),
+        ({"save_steps": "10"}, "Received: save_steps='10'"),
+        ({"save_steps": 10.0}, "Received: save_steps=10.0"),
+        ({"save_secs": "5"}, "Received: save_secs='5'"),
+        ({"save_steps": 1, "max_to_keep": "3"}, "Received: max_to_keep='3'"),
+        ({"save_steps": 1, "keep_best": "1", "monitor": "loss"}, "Received: keep_best='1'"),
+        ({"save_steps": 1, "keep_every_n_hours": "2"}, "Received: keep_every_n_hours='2'"),
+        ({"save_steps": 1, "monitor": "loss", "monitor_reduce": ["mean"]},
+         "Received: monitor_reduce=['mean']"),
+        ({"save_steps": 1, "monitor": 3}, "Received: monitor=3"),
+        ({"save_steps": 1, "checkpoint_basename": ""}, "Received: checkpoint_basename=''"),
+        ({"save_steps": 1, "checkpoint_basename": "sub/model.ckpt"},
+         "Received: checkpoint_basename='sub/model.ckpt'"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.").replace("[", r"\[")):
         CheckpointHook(tmp_path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, message",
+    [
+        ((None,), {"save_steps": 1, "is_chief": "yes"}, "Received: is_chief='yes'"),
+        ((None,), {"save_steps": 1, "listeners": 3}, "Received: listeners=3"),
+        ((None,), {"save_steps": 1, "listeners": [object]}, "CheckpointSaverListener objects"),
+        ((123,), {"save_steps": 1}, "Received: checkpoint_dir=123"),
+    ],
+)
+def test_bad_argument_types(tmp_path, args, kwargs, message):
+    directory = tmp_path if args[0] is None else args[0]
+    with pytest.raises(TypeError, match=message):
+        CheckpointHook(directory, **kwargs)
 
 
 def test_unknown_monitor_tensor_fails_at_begin_naming_close_matches(tmp_path):

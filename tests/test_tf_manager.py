@@ -144,6 +144,8 @@ def test_missing_monitor_warns_and_counts_as_unscored(tmp_path):
         ({"max_to_keep": 1, "checkpoint_interval": 0}, "Received: checkpoint_interval=0"),
         ({"max_to_keep": 1, "keep_best": 1}, "pass monitor=... as well"),
         ({"max_to_keep": 1, "monitor": "val_loss", "mode": "up"}, "Received: mode='up'"),
+        ({"max_to_keep": 1, "checkpoint_name": "sub/ckpt"}, "Received: checkpoint_name='sub/ckpt'"),
+        ({"max_to_keep": 1, "checkpoint_name": ""}, "Received: checkpoint_name=''"),
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, message):
@@ -151,3 +153,183 @@ def test_bad_arguments(tmp_path, kwargs, message):
     escaped = message.replace("(", r"\(").replace(".", r"\.")
     with pytest.raises(ValueError, match=escaped):
         CheckpointManager(checkpoint, tmp_path, **kwargs)
+
+
+def test_bad_argument_types(tmp_path):
+    checkpoint, _ = _helper().make_state()
+    with pytest.raises(TypeError, match="Received: directory=123"):
+        CheckpointManager(checkpoint, 123, max_to_keep=1)
+    with pytest.raises(TypeError, match="Received: init_fn=3"):
+        CheckpointManager(checkpoint, tmp_path, max_to_keep=1, init_fn=3)
+
+
+# -- drop-in compatibility with tf.train.CheckpointManager ------------------------------------
+
+
+class _Clock:
+    """A settable time.time(): every-N-hours is about hours, the test cannot wait for them."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _prefixes_on_disk(directory):
+    return sorted(n[: -len(".index")] for n in os.listdir(directory) if n.endswith(".index"))
+
+
+def test_last_checkpoint_step_starts_the_interval_and_follows_saves(tmp_path):
+    checkpoint, state = _helper().make_state()
+    state["step"].assign(1)
+    manager = CheckpointManager(
+        checkpoint, tmp_path, None, step_counter=state["step"], checkpoint_interval=2,
+        last_checkpoint_step=1,
+    )
+    assert manager.last_checkpoint_step == 1
+    assert manager.save() is None  # step 1: the step of the last checkpoint
+    state["step"].assign(2)
+    assert manager.save() is None  # one step after it: the interval is 2
+    state["step"].assign(3)
+    assert manager.save() == str(tmp_path / "ckpt-1")
+    assert manager.last_checkpoint_step == 3
+    state["step"].assign(10)
+    reopened = CheckpointManager(
+        checkpoint, tmp_path, None, step_counter=state["step"], checkpoint_interval=2
+    )
+    assert reopened.last_checkpoint_step is None
+    assert reopened.restore_or_initialize() == str(tmp_path / "ckpt-1")
+    assert reopened.last_checkpoint_step == 3  # the restored step_counter
+    with pytest.raises(TypeError, match="Received: last_checkpoint_step='3'"):
+        CheckpointManager(checkpoint, tmp_path, None, last_checkpoint_step="3")
+
+
+def test_adopts_the_checkpoints_of_tfs_own_manager_and_rotates_them(tmp_path):
+    helper = _helper()
+    checkpoint, state = helper.make_state()
+    stock = tf.train.CheckpointManager(checkpoint, str(tmp_path), max_to_keep=5)
+    weights = {}
+    for _ in range(3):
+        helper.train_step(state)
+        weights[stock.save()] = state["w"].numpy()
+    tf.train.Checkpoint(v=tf.Variable(1.0)).save(str(tmp_path / "other"))  # not ours: another name
+
+    checkpoint, state = helper.make_state()
+    with pytest.warns(UserWarning, match=r"does not list \(other-1\)"):
+        with pytest.warns(UserWarning, match=r"adopted 3 TensorFlow checkpoint\(s\).*ckpt-1, ckpt-2, ckpt-3"):
+            manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2)
+    newest = str(tmp_path / "ckpt-3")
+    assert manager.latest_checkpoint == newest
+    assert manager.checkpoints == [str(tmp_path / f"ckpt-{n}") for n in (1, 2, 3)]
+    assert manager.restore_or_initialize() == newest
+    assert np.array_equal(state["w"].numpy(), weights[newest])
+    assert int(checkpoint.save_counter.numpy()) == 3
+    records = mf.load(str(tmp_path)).checkpoints
+    assert [r.name for r in records] == ["ckpt-1", "ckpt-2", "ckpt-3"]
+    assert all(len(r.files) == 2 and r.files[0].path.endswith(".index") for r in records)
+
+    helper.train_step(state)
+    assert manager.save() == str(tmp_path / "ckpt-4")  # the job continues its numbering
+    # Retention now manages the adopted ones; the other name is never touched.
+    assert _prefixes_on_disk(tmp_path) == ["ckpt-3", "ckpt-4", "other-1"]
+    assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-4")
+
+
+def test_adopts_checkpoint_save_output_of_its_name_only(tmp_path):
+    v = tf.Variable(0.0)
+    checkpoint = tf.train.Checkpoint(v=v)
+    for value in (1.0, 2.0):
+        v.assign(value)
+        checkpoint.save(str(tmp_path / "ckpt"))
+    # An incomplete checkpoint (a data shard missing) is not adopted either.
+    open(tmp_path / "ckpt-7.index", "wb").close()
+    v.assign(0.0)
+    with pytest.warns(UserWarning, match=r"does not list \(ckpt-7\)"):
+        with pytest.warns(UserWarning, match="adopted 2 TensorFlow"):
+            manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    assert manager.restore_or_initialize() == str(tmp_path / "ckpt-2") and v.numpy() == 2.0
+    manager.save()
+    assert _prefixes_on_disk(tmp_path) == ["ckpt-3", "ckpt-7"]
+
+
+def test_unmanaged_checkpoint_named_by_tfs_state_file_is_restored_never_deleted(tmp_path):
+    v = tf.Variable(5.0)
+    tf.train.Checkpoint(v=v).save(str(tmp_path / "pretrained"))
+    v.assign(0.0)
+    checkpoint = tf.train.Checkpoint(v=v)
+    with pytest.warns(UserWarning, match="does not list"):
+        manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    assert manager.latest_checkpoint == str(tmp_path / "pretrained-1") and manager.checkpoints == []
+    manager.restore_or_initialize()
+    assert v.numpy() == 5.0
+    manager.save()
+    manager.save()
+    assert _prefixes_on_disk(tmp_path) == ["ckpt-3", "pretrained-1"]
+
+
+def _hourly_run(manager_class, directory, clock, schedule, checkpoint=None, **kwargs):
+    """Create a manager at clock time ``schedule[0]``, then save at each later time."""
+    clock.now = schedule[0]
+    manager = manager_class(checkpoint or tf.train.Checkpoint(), str(directory), **kwargs)
+    for when in schedule[1:]:
+        clock.now = when
+        manager.save()
+    return manager
+
+
+# Hours after creation at 1000 s: first saves within the first hour, then one save every 40 minutes.
+_SCHEDULE = [1000.0, 1010.0, 1020.0] + [1020.0 + 2400.0 * i for i in range(1, 8)]
+
+
+@pytest.mark.parametrize("n_hours", [1.0, 1.5])
+def test_every_n_hours_measures_from_creation_as_tf_does(tmp_path, monkeypatch, n_hours):
+    clock = _Clock(0.0)
+    monkeypatch.setattr("time.time", clock)
+    kwargs = {"max_to_keep": 2, "keep_checkpoint_every_n_hours": n_hours}
+    stock = _hourly_run(tf.train.CheckpointManager, tmp_path / "tf", clock, _SCHEDULE, **kwargs)
+    ours = _hourly_run(CheckpointManager, tmp_path / "ours", clock, _SCHEDULE, **kwargs)
+    # The first checkpoint (10 s after the manager's creation) is not kept: TF counts N hours
+    # from the creation, so the first preserved one is the first that rotates out N hours later.
+    assert "ckpt-1" not in _prefixes_on_disk(tmp_path / "tf")
+    assert _prefixes_on_disk(tmp_path / "ours") == _prefixes_on_disk(tmp_path / "tf")
+    assert [os.path.basename(p) for p in ours.checkpoints] == [
+        os.path.basename(p) for p in stock.checkpoints
+    ]
+    hourly = [r.name for r in ours.records if r.kept == ("every_n_hours",)]
+    assert hourly and set(hourly) <= set(_prefixes_on_disk(tmp_path / "ours"))
+
+
+def test_reopened_without_every_n_hours_keeps_what_was_kept_hourly(tmp_path, monkeypatch):
+    clock = _Clock(0.0)
+    monkeypatch.setattr("time.time", clock)
+    checkpoint = tf.train.Checkpoint()
+    first = _hourly_run(CheckpointManager, tmp_path, clock, _SCHEDULE, checkpoint, max_to_keep=2,
+                        keep_checkpoint_every_n_hours=1.0)
+    hourly = sorted(r.name for r in first.records if r.kept == ("every_n_hours",))
+    assert len(hourly) >= 2
+    # A new run of the job, without keep_checkpoint_every_n_hours: rotation keeps 2 of its own
+    # and never deletes what the earlier run preserved (as TF's manager, which no longer lists them).
+    later = [_SCHEDULE[-1] + 60.0 * i for i in range(5)]
+    second = _hourly_run(CheckpointManager, tmp_path, clock, later, checkpoint, max_to_keep=2)
+    assert second.checkpoints == [str(tmp_path / f"ckpt-{n}") for n in (12, 13)]
+    assert _prefixes_on_disk(tmp_path) == sorted(hourly + ["ckpt-12", "ckpt-13"])
+
+
+def test_clock_gone_backwards_warns_and_deletes_nothing_that_existed(tmp_path, monkeypatch):
+    clock = _Clock(0.0)
+    monkeypatch.setattr("time.time", clock)
+    checkpoint = tf.train.Checkpoint()
+    _hourly_run(CheckpointManager, tmp_path, clock, [10000.0, 10000.0, 13600.0, 17200.0],
+                checkpoint, max_to_keep=1, keep_checkpoint_every_n_hours=1.0)
+    assert _prefixes_on_disk(tmp_path) == ["ckpt-2", "ckpt-3"]  # ckpt-2 kept hourly
+    clock.now = 5000.0  # the clock was set back
+    with pytest.warns(UserWarning, match="behind the last preserved checkpoint timestamp"):
+        manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    assert manager.latest_checkpoint == str(tmp_path / "ckpt-3") and manager.checkpoints == []
+    for _ in range(3):
+        clock.now += 10.0
+        manager.save()
+    assert _prefixes_on_disk(tmp_path) == ["ckpt-2", "ckpt-3", "ckpt-6"]
+    assert manager.checkpoints == [str(tmp_path / "ckpt-6")]
+    assert tf.train.get_checkpoint_state(str(tmp_path)).last_preserved_timestamp == 5000.0
