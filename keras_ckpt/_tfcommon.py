@@ -170,9 +170,14 @@ class TFHoursPolicy(RetentionPolicy):
 
     anchor: HoursAnchor | None = field(default=None, compare=False, repr=False)
 
-    def retain(self, records: Sequence[RecordLike]) -> dict[str, tuple[str, ...]]:
+    def retain(
+        self, records: Sequence[RecordLike], *, run: int | None = None,
+        protect: Mapping[str, str] | None = None,
+    ) -> dict[str, tuple[str, ...]]:
         rotation = replace(self, keep_every_n_hours=None)
-        reasons = {n: list(w) for n, w in RetentionPolicy.retain(rotation, records).items()}
+        reasons = {
+            n: list(w) for n, w in RetentionPolicy.retain(rotation, records, run=run, protect=protect).items()
+        }
         preserved = self.anchor.preserved if self.anchor is not None else frozenset()
         interval = self.keep_every_n_hours * 3600.0 if self.keep_every_n_hours else None
         for r in records:  # oldest first, as TF's sweep pops them
@@ -256,6 +261,7 @@ class PrefixSeries:
         restore from, or None.
         """
         self.engine.open(self._argname)
+        self.engine.continue_run()  # TF always continues the directory's checkpoints
         if adopt:
             self.adopt_tf_checkpoints()
         record = self.engine.latest_valid()
@@ -263,7 +269,7 @@ class PrefixSeries:
             self.point_state_file(record.name)
         elif self.engine.records and self._state_names_ours():
             # Every checkpoint of ours is corrupt: TF must not try to restore one of them.
-            storage.remove_quietly(os.path.join(self.directory, STATE_FILE))
+            self.engine.store.delete(STATE_FILE)
         self.check_foreign()
         return record
 
@@ -332,17 +338,9 @@ class PrefixSeries:
             if by_manager and (base not in in_state or when <= last_preserved):  # type: ignore[operator]
                 record = replace(record, kept=(EVERY_N_HOURS,))
             records.append(record)
-        with storage.directory_lock(self.directory):
-            m = mf.load(self.directory)
-            if m.records(self.engine.series):  # another process adopted them meanwhile
-                self.engine.reload()
-                return []
-            if last_preserved is not None:
-                self.engine.state.extra[LAST_PRESERVED] = float(last_preserved)
-            m.series[self.engine.series] = self.engine.state
-            m.checkpoints.extend(records)
-            mf.save(self.directory, m)
-        self.engine.reload()
+        self.engine.adopt_existing(
+            records, None if last_preserved is None else {LAST_PRESERVED: float(last_preserved)}
+        )
         warnings.warn(
             f"keras_ckpt: adopted {len(records)} TensorFlow checkpoint(s) of {self.directory} "
             f"({', '.join(r.name for r in records)}) into checkpoints.json: this manager restores "

@@ -494,6 +494,7 @@ class Engine:
         if state.best_name is not None:
             guard.setdefault(state.best_name, BEST)
         keep = self.policy.retain(series, run=state.run, protect=guard)
+        state.extra.update(self.state.extra)  # a front-end's policy may note state there (TF's anchor)
         return keep, [r for r in series if r.name not in keep]
 
     def _write(self, m: Manifest) -> None:
@@ -579,6 +580,28 @@ class Engine:
         self._load(m)
         self._delete(m.deleting)
         return dropped
+
+    def adopt_existing(self, records: Sequence[Record], extra: Mapping[str, Any] | None = None) -> None:
+        """List checkpoints another tool wrote here, in place (TF's own saver and manager).
+
+        Their files stay where they are (nothing is renamed, so a failed commit removes none of
+        them); the records are appended in the order given with fresh commit numbers.
+        """
+        self._require_writer()
+        with storage.directory_lock(self.directory):
+            m = self._recovered()
+            if m.records(self.series):
+                self._load(m)
+                return
+            seq = m.next_seq()
+            state = self._state_copy()
+            state.extra.update(extra or {})
+            for i, r in enumerate(records):
+                m.checkpoints.append(replace(r, series=self.series, seq=seq + i, run=state.run))
+            m.seq = seq + len(records) - 1
+            m.series[self.series] = state
+            self._write(m)
+            self._load(m)
 
     def import_checkpoint(
         self, source: str, record: Record | None, dest: str, *, epoch: int, step: int,

@@ -330,6 +330,7 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
             self._save(session, step)
         for listener in self._listeners:
             listener.end(session, step)
+        self._series.engine.close()  # another process may write here between train() calls
 
     # -- metrics from evaluation --------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -64,8 +65,11 @@ def test_best_and_latest_retention_and_restore_after_restart(tmp_path):
     reader = tf.train.load_checkpoint(prefix(4))
     assert np.array_equal(reader.get_tensor("w/.ATTRIBUTES/VARIABLE_VALUE"), values_at[prefix(4)]["w"])
 
-    # A new process resumes from the newest; the best-N state comes from the manifest: val_loss 2
-    # displaces 3 (ckpt-2) but not 1 (ckpt-4).
+    # A new process resumes from the newest (this one stops writing first: one writer per
+    # directory); the best-N state comes from the manifest: val_loss 2 displaces 3 (ckpt-2) but
+    # not 1 (ckpt-4).
+    del manager
+    gc.collect()
     out = _run_helper(tmp_path, 2.0)
     assert out["restored"] == prefix(7)
     assert out["values"] == {**values_at[prefix(7)], "save_counter": 7}
