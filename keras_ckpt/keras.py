@@ -160,6 +160,9 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._current_epoch = epoch
+        # Keras read ``_initial_epoch`` (our resume point) before the first epoch began. Clear it
+        # now: a fit() that raises skips on_train_end, and the next fit() would skip epochs.
+        self._clear_initial_epoch()
         self._core.on_epoch_begin(epoch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -171,8 +174,12 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             self._save(epoch, None, logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        # Also here: a resume that left no epoch to train never reaches on_epoch_begin.
+        self._clear_initial_epoch()
+
+    def _clear_initial_epoch(self) -> None:
         # Keras reads ``_initial_epoch`` in every fit(): left set, the next fit would skip epochs.
-        if self.model is not None:
+        if self.model is not None and getattr(self.model, "_initial_epoch", None) is not None:
             self.model._initial_epoch = None
 
     # -- saving -------------------------------------------------------------------------------

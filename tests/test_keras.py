@@ -417,3 +417,17 @@ def test_resume_from_a_single_file(tmp_path):
     hist = fit(tiny_model(), [ckpt], 4)
     assert hist.epoch == [2, 3] and ckpt.restored_path == str(tmp_path / "loose.keras")
     assert names(tmp_path / "b") == ["c-3.keras", "c-4.keras"]
+
+
+def test_a_fit_that_raises_after_resume_does_not_shorten_the_next_fit(tmp_path):
+    template = str(tmp_path / "c-{epoch}.keras")
+    fit(tiny_model(), [keras_ckpt.ModelCheckpoint(template)], 3)
+
+    class Boom(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("boom")
+
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(model, [keras_ckpt.ModelCheckpoint(template, resume=True), Boom()], 5)
+    assert fit(model, [], 2).epoch == [0, 1], "the crashed resume's start epoch leaked"
