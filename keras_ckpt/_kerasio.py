@@ -55,6 +55,7 @@ __all__ = [
     "STATE_GROUP",
     "STATE_MEMBER",
     "crc32_combine",
+    "file_format",
     "load_into",
     "read_state",
     "write_keras",
@@ -627,6 +628,28 @@ def _write_archive(
 
 
 # --- Reading ----------------------------------------------------------------------------------
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# HDF5 looks for its signature at 0 and at every power of two from 512 (after a user block).
+_HDF5_SIGNATURE_OFFSETS = (0, 512, 1024, 2048, 4096)
+
+
+def file_format(path: str) -> str | None:
+    """What ``path`` holds: ``"keras"`` (a zip with Keras's weights member), ``"h5"`` or None.
+
+    Reads only the few bytes that tell, so a file of another framework (a torch ``.pt`` is a zip
+    too) or a text file is recognised before a loader fails on it with a low-level error.
+    """
+    with open(path, "rb") as f:
+        for offset in _HDF5_SIGNATURE_OFFSETS:
+            f.seek(offset)
+            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return "h5"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "keras" if _WEIGHTS_MEMBER in archive.namelist() else None
+    except zipfile.BadZipFile:
+        return None
 
 
 def read_state(path: str) -> bytes | None:

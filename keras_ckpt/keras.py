@@ -90,6 +90,14 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         resume: bool | str | os.PathLike = False,
         preset: str | None = None,
     ) -> None:
+        if not isinstance(filepath, (str, os.PathLike)):
+            # Keras's base class would fail first, on ``filepath.endswith``.
+            raise TypeError(
+                f"filepath must be a str or os.PathLike. Received: filepath={filepath!r}"
+            )
+        # Before Keras's base class: it takes any truthy value as True and then blames filepath.
+        save_weights_only = _flag("save_weights_only", save_weights_only)
+        save_optimizer = _flag("save_optimizer", save_optimizer)
         super().__init__(
             filepath,
             monitor=monitor,
@@ -107,7 +115,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 "A `.weights.h5` filepath holds weights only: pass save_weights_only=True, or use "
                 f"a `.keras` filepath to save the whole model. Received: filepath={self.filepath}"
             )
-        self.save_optimizer = bool(save_optimizer)
+        self.save_optimizer = save_optimizer
         self._core = Checkpointer(
             self.filepath,
             framework="keras",
@@ -238,6 +246,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
     # -- restoring ----------------------------------------------------------------------------
 
     def _restore(self, path: str) -> None:
+        self._check_format(path)
         if path.endswith(".h5") and not path.endswith(".weights.h5"):
             self._load_legacy_h5(path)
         else:
@@ -268,6 +277,22 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 f"(step {self._core.step}, best {self.monitor}="
                 f"{'None' if self.best is None else f'{self.best:.5f}'})"
             )
+
+    def _check_format(self, path: str) -> None:
+        """A ValueError naming ``resume`` for a file no Keras loader reads (e.g. a torch ``.pt``)."""
+        expected = "h5" if path.endswith(".h5") else "keras"
+        found = _kerasio.file_format(path)
+        if found == expected:
+            return
+        kinds = {"keras": "a .keras zip archive", "h5": "an HDF5 file"}
+        if found is None:
+            what = "neither a .keras archive nor an HDF5 file (another framework's checkpoint?)"
+        else:
+            what = f"{kinds[found]}, but its name calls for {kinds[expected]}"
+        raise ValueError(
+            f"resume: {path!r} is not a Keras checkpoint this callback can restore: it is {what}. "
+            f"Received: resume={self._core.resume!r}"
+        )
 
     def _load_legacy_h5(self, path: str) -> None:
         """Legacy HDF5 files have their own layout; Keras's loader reads them, we copy the values."""
@@ -302,3 +327,10 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         finally:
             self.mode = saved
         return "max" if self.monitor_op is keras.ops.greater else "min"
+
+
+def _flag(name: str, value: Any) -> bool:
+    """``value`` as a bool; anything else is a TypeError naming the argument."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")

@@ -318,6 +318,41 @@ def test_bad_filepaths_raise_value_error_naming_filepath(tmp_path):
         keras_ckpt.ModelCheckpoint(str(tmp_path / "m.keras"), keep_best=1)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"save_weights_only": "no"}, TypeError, r"Received: save_weights_only='no'"),
+        ({"save_optimizer": "no"}, TypeError, r"Received: save_optimizer='no'"),
+        ({"filepath": 123}, TypeError, r"Received: filepath=123"),
+    ],
+)
+def test_non_bool_flags_and_non_path_filepaths_fail_at_construction(tmp_path, kwargs, error, match):
+    kwargs = {"filepath": str(tmp_path / "c-{epoch}.keras"), **kwargs}
+    with pytest.raises(error, match=match):
+        keras_ckpt.ModelCheckpoint(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["text named .keras", "torch .pt", "keras archive named .h5"])
+def test_resume_from_a_file_of_another_format_fails_at_train_begin_naming_it(tmp_path, kind):
+    if kind == "text named .keras":
+        bad = tmp_path / "notes.keras"
+        bad.write_text("not a checkpoint")
+    elif kind == "torch .pt":
+        torch = pytest.importorskip("torch")
+        bad = tmp_path / "model.pt"
+        torch.save({"w": torch.zeros(3)}, bad)
+    else:
+        fit(tiny_model(), [keras_ckpt.ModelCheckpoint(str(tmp_path / "a.keras"))], 1)
+        bad = tmp_path / "renamed.h5"
+        os.rename(tmp_path / "a.keras", bad)
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "out" / "c-{epoch}.keras"), resume=str(bad))
+    seen = Epochs()
+    with pytest.raises(ValueError, match=rf"resume: '{bad}' is not a Keras checkpoint.*"
+                                         rf"Received: resume='{bad}'"):
+        fit(tiny_model(), [ckpt, seen], 2)
+    assert seen.seen == []
+
+
 class Epochs(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
