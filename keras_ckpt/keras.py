@@ -9,13 +9,10 @@ import types
 import warnings
 from typing import Any
 
-import h5py
 import keras
 import numpy as np
-from keras.src.callbacks.callback import Callback
-from keras.src.utils import io_utils
 
-from keras_ckpt import _kerasio
+from keras_ckpt import _compat, _kerasio
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
@@ -133,13 +130,15 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             save_every_n_seconds=save_every_n_seconds,
             resume=resume,
             preset=preset,
-            print_fn=io_utils.print_msg,
+            print_fn=_print_msg,
         )
         self._resume_pending = resume is not False
         if not self._core.needs_batch_events:
             # Without a batch hook Keras may dispatch batch callbacks asynchronously, so steps
             # that do not save cost nothing (stock ModelCheckpoint always defines one).
-            self.on_train_batch_end = types.MethodType(Callback.on_train_batch_end, self)
+            self.on_train_batch_end = types.MethodType(
+                keras.callbacks.Callback.on_train_batch_end, self
+            )
 
     # -- attributes ---------------------------------------------------------------------------
 
@@ -206,19 +205,29 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         state["keras"] = self._keras_state()
         blob = json.dumps(state).encode("utf-8")
         include_optimizer = self.save_optimizer
-        if path.endswith(".keras"):
+        fast = _kerasio.fast_write_available()
+        if path.endswith(".keras") and fast:
             _kerasio.write_keras(
                 self.model, tx.open(), state=blob, include_optimizer=include_optimizer
             )
-        elif path.endswith(".weights.h5"):
+        elif path.endswith(".keras"):  # Keras's own writer, then the archive copied with our state
+            scratch = os.path.join(tx.staging_dir(), "model.keras")
+            self.model.save(scratch)
+            _kerasio.copy_keras_with_state(
+                scratch, tx.temp_path(), state=blob, include_optimizer=include_optimizer
+            )
+        elif path.endswith(".weights.h5") and fast:
             _kerasio.write_weights_h5(
                 self.model, tx.open(), state=blob, include_optimizer=include_optimizer
             )
-        else:  # legacy .h5: Keras's own writer, then our state group beside its data
+        elif path.endswith(".weights.h5"):  # Keras's own writer, then our state beside its data
+            tmp = tx.temp_path()
+            self.model.save_weights(tmp, overwrite=True)
+            _kerasio.add_state_h5(tmp, blob, drop_optimizer=not include_optimizer)
+        else:  # legacy .h5: always Keras's own writer (it honours include_optimizer)
             tmp = tx.temp_path()
             self.model.save(tmp, overwrite=True, include_optimizer=include_optimizer)
-            with h5py.File(tmp, "a") as f:
-                f.create_dataset(_kerasio.STATE_MEMBER, data=np.frombuffer(blob, dtype=np.uint8))
+            _kerasio.add_state_h5(tmp, blob, drop_optimizer=False)
 
     def _keras_state(self) -> dict[str, Any]:
         """What Keras's files leave out: SeedGenerator states and the backend's global RNG."""
@@ -234,13 +243,13 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         return out
 
     def _seed_variables(self) -> list:
-        from keras.src.backend.common import global_state
-        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
-
         found = [v for v in self.model.variables if v.name == _SEED_STATE]
-        gen = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
-        if gen is not None:
-            found.append(gen.state)
+        apis = (_compat.KERAS_GET_GLOBAL_ATTRIBUTE, _compat.KERAS_GLOBAL_SEED_GENERATOR)
+        if all(_compat.available(api) for api in apis):
+            get, key = (_compat.resolve(api) for api in apis)
+            gen = get(key)
+            if gen is not None:
+                found.append(gen.state)
         return found
 
     # -- restoring ----------------------------------------------------------------------------
@@ -263,7 +272,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             self._restore_keras_state(state.get("keras") or {})
         self._core.restored(path, state)
         if self._core.epochs_done:
-            self.model._initial_epoch = self._core.epochs_done
+            self._set_initial_epoch(self._core.epochs_done)
         if state and state.get("batch") is not None:
             warnings.warn(
                 f"{path} was saved in the middle of epoch {self._core.epochs_done + 1} (after "
@@ -272,7 +281,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 stacklevel=3,
             )
         if self.verbose > 0:
-            io_utils.print_msg(
+            _print_msg(
                 f"Restored {path}: continuing at epoch {self._core.epochs_done + 1} "
                 f"(step {self._core.step}, best {self.monitor}="
                 f"{'None' if self.best is None else f'{self.best:.5f}'})"
@@ -293,6 +302,18 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             f"resume: {path!r} is not a Keras checkpoint this callback can restore: it is {what}. "
             f"Received: resume={self._core.resume!r}"
         )
+
+    def _set_initial_epoch(self, epoch: int) -> None:
+        # Every backend's fit() reads ``_initial_epoch`` right after on_train_begin. A Keras
+        # whose Trainer no longer sets it would ignore it: say so rather than retrain silently.
+        if "_initial_epoch" not in vars(self.model):
+            warnings.warn(
+                f"This Keras version does not read model._initial_epoch: the training state is "
+                f"restored, but pass initial_epoch={epoch} to fit() to skip the {epoch} epochs "
+                "already done.",
+                stacklevel=4,
+            )
+        self.model._initial_epoch = epoch
 
     def _load_legacy_h5(self, path: str) -> None:
         """Legacy HDF5 files have their own layout; Keras's loader reads them, we copy the values."""
@@ -319,6 +340,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
 
     def _infer_mode(self) -> str | None:
         """``mode="auto"`` from the compiled metrics' direction, as Keras decides it."""
+        if not _compat.available(_compat.KERAS_SET_MONITOR_OP):
+            return None  # the monitor's name decides, or it is a ValueError at train begin
         saved = self.mode
         try:
             self._set_monitor_op()
@@ -334,3 +357,11 @@ def _flag(name: str, value: Any) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")
+
+
+def _print_msg(message: str) -> None:
+    """Keras's own message printer (absl logging when Keras is set to use it), else print."""
+    if _compat.available(_compat.KERAS_PRINT_MSG):
+        _compat.resolve(_compat.KERAS_PRINT_MSG)(message)
+    else:
+        print(message)
