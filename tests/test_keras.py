@@ -466,3 +466,23 @@ def test_a_fit_that_raises_after_resume_does_not_shorten_the_next_fit(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         fit(model, [keras_ckpt.ModelCheckpoint(template, resume=True), Boom()], 5)
     assert fit(model, [], 2).epoch == [0, 1], "the crashed resume's start epoch leaked"
+
+
+@pytest.mark.parametrize("writers", ["fast", "keras's own"])
+def test_files_are_created_with_the_umask_not_0600(tmp_path, monkeypatch, writers):
+    if writers != "fast":
+        from keras_ckpt import _compat
+
+        real = _compat.available
+        monkeypatch.setattr(_compat, "available", lambda api: api.framework != "keras" and real(api))
+    old = os.umask(0o022)
+    try:
+        model = tiny_model()
+        for template, kw in [("a-{epoch}.keras", {}), ("b-{epoch}.weights.h5",
+                             {"save_weights_only": True}), ("c-{epoch}.h5", {})]:
+            fit(model, [keras_ckpt.ModelCheckpoint(str(tmp_path / template), **kw)], 1)
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir() if p.is_file()}
+    assert {"a-1.keras", "b-1.weights.h5", "c-1.h5", "checkpoints.json"} <= set(modes)
+    assert set(modes.values()) == {"0o644"}, modes
