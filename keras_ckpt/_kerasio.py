@@ -25,7 +25,10 @@ place, without a snapshot: the model must not train while they run (an asynchron
 copy the values to host memory first).
 
 This module imports keras and h5py at import time; ``keras_ckpt`` imports it lazily, from the
-Keras front-end only.
+Keras front-end only. The private Keras APIs it uses are resolved through
+:mod:`keras_ckpt._compat`; when one is missing, :func:`fast_write_available` /
+:func:`fast_read_available` say so and the front-end uses Keras's own writers and reader instead
+(:func:`copy_keras_with_state`, :func:`add_state_h5`; ``model.load_weights``).
 """
 
 from __future__ import annotations
