@@ -32,7 +32,124 @@ class PrivateAPI:
     fallback: str = ""
 
 
-KERAS: tuple[PrivateAPI, ...] = ()
+_SAVING_LIB = "keras.src.saving.saving_lib"
+_FAST_WRITE = "_kerasio fast .keras/.weights.h5 writer"
+_WRITE_FALLBACK = "Keras's own model.save/save_weights into the transaction's temp path, state added"
+_FAST_READ = "_kerasio.load_into (reads a .keras weights member in place)"
+_READ_FALLBACK = "model.load_weights (Keras's own reader)"
+_FORMAT_NAME = "the literal name (it is part of the .keras file format)"
+
+KERAS_SAVE_STATE = PrivateAPI(
+    "keras", _SAVING_LIB, "_save_state",
+    ("saveable", "weights_store", "assets_store", "inner_path", "visited_saveables"),
+    _FAST_WRITE, _WRITE_FALLBACK,
+)
+KERAS_SERIALIZE_MODEL = PrivateAPI(
+    "keras", _SAVING_LIB, "_serialize_model_as_json", ("model",), _FAST_WRITE, _WRITE_FALLBACK
+)
+KERAS_DISK_IO_STORE = PrivateAPI(
+    "keras", _SAVING_LIB, "DiskIOStore", ("root_path", "mode"),
+    _FAST_WRITE + " (assets; reads .working_dir, calls .close())", _WRITE_FALLBACK,
+)
+KERAS_H5_IO_STORE = PrivateAPI(
+    "keras", _SAVING_LIB, "H5IOStore", ("path_or_io", "mode"),
+    "_kerasio._PlanningStore/_ReadStore subclass it (and use its _h5_entry_path, "
+    "_h5_entry_group, _h5_entry_initialized attributes)",
+    _WRITE_FALLBACK + "; " + _READ_FALLBACK,
+)
+KERAS_H5_GET_FILE = PrivateAPI(
+    "keras", _SAVING_LIB, "H5IOStore._get_h5_file", ("path_or_io", "mode"),
+    "_kerasio._PlanningStore/_ReadStore override it", _WRITE_FALLBACK + "; " + _READ_FALLBACK,
+)
+KERAS_H5_CREATE_GROUP = PrivateAPI(
+    "keras", _SAVING_LIB, "H5IOStore._create_h5_group", ("path",),
+    "_kerasio._PlanningStore.__setitem__", _WRITE_FALLBACK,
+)
+KERAS_H5_SETITEM = PrivateAPI(
+    "keras", _SAVING_LIB, "H5IOStore.__setitem__", ("key", "value"),
+    "_kerasio._PlanningStore.__setitem__ (small arrays)", _WRITE_FALLBACK,
+)
+KERAS_LOAD_STATE = PrivateAPI(
+    "keras", _SAVING_LIB, "_load_state",
+    ("saveable", "weights_store", "assets_store", "inner_path", "visited_saveables",
+     "failed_saveables", "error_msgs"),
+    _FAST_READ, _READ_FALLBACK,
+)
+KERAS_RAISE_LOADING_FAILURE = PrivateAPI(
+    "keras", _SAVING_LIB, "_raise_loading_failure", ("error_msgs",), _FAST_READ, _READ_FALLBACK
+)
+KERAS_VARS_FNAME_H5 = PrivateAPI(
+    "keras", _SAVING_LIB, "_VARS_FNAME_H5", (), "_kerasio: the weights member's name",
+    _FORMAT_NAME,
+)
+KERAS_CONFIG_FILENAME = PrivateAPI(
+    "keras", _SAVING_LIB, "_CONFIG_FILENAME", (), "_kerasio: the config member's name",
+    _FORMAT_NAME,
+)
+KERAS_METADATA_FILENAME = PrivateAPI(
+    "keras", _SAVING_LIB, "_METADATA_FILENAME", (), "_kerasio: the metadata member's name",
+    _FORMAT_NAME,
+)
+KERAS_ASSETS_DIRNAME = PrivateAPI(
+    "keras", _SAVING_LIB, "_ASSETS_DIRNAME", (), "_kerasio: the assets directory's name",
+    _FORMAT_NAME,
+)
+KERAS_SAVE_OWN_VARIABLES = PrivateAPI(
+    "keras", "keras.src.optimizers.base_optimizer", "BaseOptimizer.save_own_variables",
+    ("store",), "_kerasio._optimizers_without_copies (identity test of the base method)",
+    "no patch: Keras's walk stores copies of the optimizer slots",
+)
+KERAS_GLOBAL_STATE_TRACKER = PrivateAPI(
+    "keras", "keras.src.backend.common.global_state", "GLOBAL_STATE_TRACKER", (),
+    "_kerasio._repair_skipset_cache", "no repair (saves and loads just run slower)",
+)
+KERAS_GET_GLOBAL_ATTRIBUTE = PrivateAPI(
+    "keras", "keras.src.backend.common.global_state", "get_global_attribute", ("name",),
+    "_kerasio._repair_skipset_cache; keras.py: the global SeedGenerator",
+    "no repair; the global SeedGenerator is not saved (layers' own generators still are)",
+)
+KERAS_SET_GLOBAL_ATTRIBUTE = PrivateAPI(
+    "keras", "keras.src.backend.common.global_state", "set_global_attribute", ("name", "value"),
+    "_kerasio._repair_skipset_cache", "no repair (saves and loads just run slower)",
+)
+KERAS_GLOBAL_SEED_GENERATOR = PrivateAPI(
+    "keras", "keras.src.random.seed_generator", "GLOBAL_SEED_GENERATOR", (),
+    "keras.py: the global SeedGenerator's global-state key",
+    "the global SeedGenerator is not saved (layers' own generators still are)",
+)
+KERAS_PRINT_MSG = PrivateAPI(
+    "keras", "keras.src.utils.io_utils", "print_msg", ("message",),
+    "keras.py: verbose messages, routed like Keras's own (absl logging when enabled)", "print",
+)
+KERAS_SET_MONITOR_OP = PrivateAPI(
+    "keras", "keras.src.callbacks.monitor_callback", "MonitorCallback._set_monitor_op", (),
+    "keras.py: mode='auto' from the compiled metric's direction",
+    "mode='auto' from the monitor's name only (an undecidable one is a ValueError)",
+)
+KERAS_INITIAL_EPOCH = PrivateAPI(
+    "keras", "keras.src.trainers.trainer", "Trainer",
+    (), "keras.py: resume sets model._initial_epoch (every backend's fit() reads it; "
+    "tests/test_compat_keras.py checks that fit honours it)",
+    "warn that resume restored the state but fit() will not skip the done epochs",
+)
+
+KERAS: tuple[PrivateAPI, ...] = (
+    KERAS_SAVE_STATE, KERAS_SERIALIZE_MODEL, KERAS_DISK_IO_STORE, KERAS_H5_IO_STORE,
+    KERAS_H5_GET_FILE, KERAS_H5_CREATE_GROUP, KERAS_H5_SETITEM, KERAS_LOAD_STATE,
+    KERAS_RAISE_LOADING_FAILURE, KERAS_VARS_FNAME_H5, KERAS_CONFIG_FILENAME,
+    KERAS_METADATA_FILENAME, KERAS_ASSETS_DIRNAME, KERAS_SAVE_OWN_VARIABLES,
+    KERAS_GLOBAL_STATE_TRACKER, KERAS_GET_GLOBAL_ATTRIBUTE, KERAS_SET_GLOBAL_ATTRIBUTE,
+    KERAS_GLOBAL_SEED_GENERATOR, KERAS_PRINT_MSG, KERAS_SET_MONITOR_OP, KERAS_INITIAL_EPOCH,
+)
+KERAS_FAST_WRITE: tuple[PrivateAPI, ...] = (
+    KERAS_SAVE_STATE, KERAS_SERIALIZE_MODEL, KERAS_DISK_IO_STORE, KERAS_H5_IO_STORE,
+    KERAS_H5_GET_FILE, KERAS_H5_CREATE_GROUP, KERAS_H5_SETITEM,
+)
+"""All of these or none: the fast writers need every one."""
+KERAS_FAST_READ: tuple[PrivateAPI, ...] = (
+    KERAS_LOAD_STATE, KERAS_RAISE_LOADING_FAILURE, KERAS_H5_IO_STORE, KERAS_H5_GET_FILE,
+)
+"""All of these or none: the in-place reader needs every one."""
 TENSORFLOW: tuple[PrivateAPI, ...] = (
     # Not called by keras_ckpt but overridden: TPUEstimator tells every CheckpointSaverHook how
     # many steps one session.run advances through it. Valid in TF 2.15 and 2.21.

@@ -25,7 +25,10 @@ place, without a snapshot: the model must not train while they run (an asynchron
 copy the values to host memory first).
 
 This module imports keras and h5py at import time; ``keras_ckpt`` imports it lazily, from the
-Keras front-end only.
+Keras front-end only. The private Keras APIs it uses are resolved through
+:mod:`keras_ckpt._compat`; when one is missing, :func:`fast_write_available` /
+:func:`fast_read_available` say so and the front-end uses Keras's own writers and reader instead
+(:func:`copy_keras_with_state`, :func:`add_state_h5`; ``model.load_weights``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import io
 import os
 import struct
 import time
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -45,16 +49,18 @@ from typing import IO, Any
 import h5py
 import keras
 import numpy as np
-from keras.src.backend.common import global_state
-from keras.src.optimizers.base_optimizer import BaseOptimizer
-from keras.src.saving import saving_lib
 
-from keras_ckpt import storage
+from keras_ckpt import _compat, storage
 
 __all__ = [
     "STATE_GROUP",
     "STATE_MEMBER",
+    "add_state_h5",
+    "copy_keras_with_state",
     "crc32_combine",
+    "fast_read_available",
+    "fast_write_available",
+    "file_format",
     "load_into",
     "read_state",
     "write_keras",
@@ -72,10 +78,28 @@ extract the whole archive, weights included, into a temporary directory (3.7x sl
 STATE_GROUP = "keras_ckpt"
 """The root group that :data:`STATE_MEMBER` lives in."""
 
-_WEIGHTS_MEMBER = saving_lib._VARS_FNAME_H5
-_CONFIG_MEMBER = saving_lib._CONFIG_FILENAME
-_METADATA_MEMBER = saving_lib._METADATA_FILENAME
-_ASSETS_DIR = saving_lib._ASSETS_DIRNAME
+
+
+def _private_or(api: _compat.PrivateAPI, default: Any) -> Any:
+    return _compat.resolve(api) if _compat.available(api) else default
+
+
+def fast_write_available() -> bool:
+    """Whether this Keras has every private API the fast writers need (else: Keras's writers)."""
+    return all(_compat.available(api) for api in _compat.KERAS_FAST_WRITE)
+
+
+def fast_read_available() -> bool:
+    """Whether this Keras has every private API :func:`load_into`'s in-place reader needs."""
+    return all(_compat.available(api) for api in _compat.KERAS_FAST_READ)
+
+
+_WEIGHTS_MEMBER = _private_or(_compat.KERAS_VARS_FNAME_H5, "model.weights.h5")
+_CONFIG_MEMBER = _private_or(_compat.KERAS_CONFIG_FILENAME, "config.json")
+_METADATA_MEMBER = _private_or(_compat.KERAS_METADATA_FILENAME, "metadata.json")
+_ASSETS_DIR = _private_or(_compat.KERAS_ASSETS_DIRNAME, "assets")
+# Without it the subclasses below still import; fast_*_available() keeps them unused.
+_H5IOStore: type = _private_or(_compat.KERAS_H5_IO_STORE, object)
 _OPTIMIZER_PATH = "optimizer"  # the Model attribute the walk stores the optimizer under
 
 # Smaller arrays are left to h5py: planning them saves nothing and only adds segments.
@@ -289,7 +313,7 @@ def _plannable(array: np.ndarray) -> bool:
     return numeric and array.nbytes >= _PLAN_MIN_BYTES
 
 
-class _PlanningStore(saving_lib.H5IOStore):
+class _PlanningStore(_H5IOStore):
     """Keras's HDF5 weights store, but large datasets are only allocated, and recorded.
 
     Subclassing keeps Keras's group layout and metadata (and passes ``_save_state``'s type
@@ -344,9 +368,10 @@ def _optimizers_without_copies(model: Any) -> Iterator[None]:
     walk only, the same loop storing the variables themselves, which the store reads in place.
     """
     patched = []
-    optimizer = getattr(model, "optimizer", None)
+    base_method = _private_or(_compat.KERAS_SAVE_OWN_VARIABLES, None)
+    optimizer = getattr(model, "optimizer", None) if base_method is not None else None
     while optimizer is not None:
-        if type(optimizer).save_own_variables is BaseOptimizer.save_own_variables:
+        if type(optimizer).save_own_variables is base_method:
             optimizer.save_own_variables = functools.partial(_save_variables, optimizer)
             patched.append(optimizer)
         optimizer = getattr(optimizer, "inner_optimizer", None)  # LossScaleOptimizer
@@ -366,12 +391,16 @@ def _repair_skipset_cache() -> None:
     of a 100-layer model). Copying each stored value to the key that is read fixes that with
     Keras's own values; once Keras fixes the typo this finds nothing to copy.
     """
-    state = global_state.GLOBAL_STATE_TRACKER  # thread-local, like the cache itself
+    apis = (_compat.KERAS_GLOBAL_STATE_TRACKER, _compat.KERAS_GET_GLOBAL_ATTRIBUTE,
+            _compat.KERAS_SET_GLOBAL_ATTRIBUTE)
+    if not all(_compat.available(api) for api in apis):
+        return  # only a speed-up
+    state, get, put = (_compat.resolve(api) for api in apis)  # thread-local, like the cache
     for key, value in list(vars(state).items()):
         if key.startswith("saving_attr_skipset_"):
             read_key = "saving_attr_skiplist_" + key[len("saving_attr_skipset_") :]
-            if global_state.get_global_attribute(read_key) is None:
-                global_state.set_global_attribute(read_key, value)
+            if get(read_key) is None:
+                put(read_key, value)
 
 
 def _skipped(model: Any, include_optimizer: bool) -> set[int]:
@@ -393,7 +422,7 @@ def _segments(
     image = _SparseImage()
     with h5py.File(image, "w") as h5_file, _optimizers_without_copies(model):
         store = _PlanningStore(h5_file)
-        saving_lib._save_state(
+        _compat.resolve(_compat.KERAS_SAVE_STATE)(
             model,
             weights_store=store,
             assets_store=assets_dir,
@@ -602,8 +631,8 @@ def write_keras(
     object's current position. A given file object is flushed, not closed; a path is opened,
     written and closed. Nothing is fsynced: the caller does that.
     """
-    config_json, metadata_json = saving_lib._serialize_model_as_json(model)
-    assets = saving_lib.DiskIOStore(_ASSETS_DIR, mode="w")
+    config_json, metadata_json = _compat.resolve(_compat.KERAS_SERIALIZE_MODEL)(model)
+    assets = _compat.resolve(_compat.KERAS_DISK_IO_STORE)(_ASSETS_DIR, mode="w")
     try:
         segments = _segments(model, include_optimizer, state, assets)
         with _output(fileobj_or_path) as out:
@@ -627,6 +656,28 @@ def _write_archive(
 
 
 # --- Reading ----------------------------------------------------------------------------------
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# HDF5 looks for its signature at 0 and at every power of two from 512 (after a user block).
+_HDF5_SIGNATURE_OFFSETS = (0, 512, 1024, 2048, 4096)
+
+
+def file_format(path: str) -> str | None:
+    """What ``path`` holds: ``"keras"`` (a zip with Keras's weights member), ``"h5"`` or None.
+
+    Reads only the few bytes that tell, so a file of another framework (a torch ``.pt`` is a zip
+    too) or a text file is recognised before a loader fails on it with a low-level error.
+    """
+    with open(path, "rb") as f:
+        for offset in _HDF5_SIGNATURE_OFFSETS:
+            f.seek(offset)
+            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return "h5"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "keras" if _WEIGHTS_MEMBER in archive.namelist() else None
+    except zipfile.BadZipFile:
+        return None
 
 
 def read_state(path: str) -> bytes | None:
@@ -678,7 +729,7 @@ def _member_data_offset(fd: int, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
 
 
-class _ReadStore(saving_lib.H5IOStore):
+class _ReadStore(_H5IOStore):
     """Keras's HDF5 weights store over an already opened ``h5py.File``."""
 
     def __init__(self, h5_file: h5py.File) -> None:
@@ -716,13 +767,16 @@ def load_into(model: Any, path: str) -> None:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
+    if not fast_read_available():
+        _load_with_keras(model, path)
+        return
     with open(path, "rb") as raw, _open_weights(path, raw.fileno()) as h5_file:
         # A file saved without the optimizer keeps the optimizer's fresh state, without
         # Keras's variable-count warning.
         skip = {id(optimizer)} if optimizer is not None and _OPTIMIZER_PATH not in h5_file else set()
         failed: set[int] = set()
         errors: dict[int, Any] = {}
-        saving_lib._load_state(
+        _compat.resolve(_compat.KERAS_LOAD_STATE)(
             model,
             weights_store=_ReadStore(h5_file),
             assets_store=None,
@@ -733,4 +787,48 @@ def load_into(model: Any, path: str) -> None:
         )
     _repair_skipset_cache()
     if failed:
-        saving_lib._raise_loading_failure(errors)
+        _compat.resolve(_compat.KERAS_RAISE_LOADING_FAILURE)(errors)
+
+
+def _load_with_keras(model: Any, path: str) -> None:
+    """The public route: ``model.load_weights`` (the optimizer is already built)."""
+    with open(path, "rb") as raw, _open_weights(path, raw.fileno()) as h5_file:
+        has_optimizer = _OPTIMIZER_PATH in h5_file
+    with warnings.catch_warnings():
+        if not has_optimizer:
+            # Saved without the optimizer: it keeps its fresh state, as on the in-place route.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        model.load_weights(path)
+
+
+# --- Adding the state to files Keras wrote (when the fast writers cannot run) -----------------
+
+
+def add_state_h5(target: str | IO[bytes], state: bytes, *, drop_optimizer: bool) -> None:
+    """Add ``state`` at :data:`STATE_MEMBER` to an HDF5 file Keras wrote (a path or file object).
+
+    ``drop_optimizer`` removes the optimizer's variables, which Keras's ``.keras`` and
+    ``.weights.h5`` writers always include.
+    """
+    with h5py.File(target, "a") as f:
+        if drop_optimizer and _OPTIMIZER_PATH in f:
+            del f[_OPTIMIZER_PATH]
+        f.create_dataset(STATE_MEMBER, data=np.frombuffer(state, dtype=np.uint8))
+
+
+def copy_keras_with_state(
+    source: str, target: str, *, state: bytes, include_optimizer: bool = True
+) -> None:
+    """Copy the ``.keras`` archive ``source`` (from ``model.save``) to ``target``, adding ``state``.
+
+    The result has the same members, in the same order, with ``state`` inside the weights
+    member, exactly where :func:`write_keras` puts it.
+    """
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == _WEIGHTS_MEMBER:
+                weights = io.BytesIO(data)
+                add_state_h5(weights, state, drop_optimizer=not include_optimizer)
+                data = weights.getvalue()
+            dst.writestr(info, data)

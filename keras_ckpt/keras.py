@@ -9,13 +9,10 @@ import types
 import warnings
 from typing import Any
 
-import h5py
 import keras
 import numpy as np
-from keras.src.callbacks.callback import Callback
-from keras.src.utils import io_utils
 
-from keras_ckpt import _kerasio
+from keras_ckpt import _compat, _kerasio
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
@@ -90,6 +87,14 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         resume: bool | str | os.PathLike = False,
         preset: str | None = None,
     ) -> None:
+        if not isinstance(filepath, (str, os.PathLike)):
+            # Keras's base class would fail first, on ``filepath.endswith``.
+            raise TypeError(
+                f"filepath must be a str or os.PathLike. Received: filepath={filepath!r}"
+            )
+        # Before Keras's base class: it takes any truthy value as True and then blames filepath.
+        save_weights_only = _flag("save_weights_only", save_weights_only)
+        save_optimizer = _flag("save_optimizer", save_optimizer)
         super().__init__(
             filepath,
             monitor=monitor,
@@ -107,7 +112,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 "A `.weights.h5` filepath holds weights only: pass save_weights_only=True, or use "
                 f"a `.keras` filepath to save the whole model. Received: filepath={self.filepath}"
             )
-        self.save_optimizer = bool(save_optimizer)
+        self.save_optimizer = save_optimizer
         self._core = Checkpointer(
             self.filepath,
             framework="keras",
@@ -125,13 +130,15 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             save_every_n_seconds=save_every_n_seconds,
             resume=resume,
             preset=preset,
-            print_fn=io_utils.print_msg,
+            print_fn=_print_msg,
         )
         self._resume_pending = resume is not False
         if not self._core.needs_batch_events:
             # Without a batch hook Keras may dispatch batch callbacks asynchronously, so steps
             # that do not save cost nothing (stock ModelCheckpoint always defines one).
-            self.on_train_batch_end = types.MethodType(Callback.on_train_batch_end, self)
+            self.on_train_batch_end = types.MethodType(
+                keras.callbacks.Callback.on_train_batch_end, self
+            )
 
     # -- attributes ---------------------------------------------------------------------------
 
@@ -160,6 +167,9 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._current_epoch = epoch
+        # Keras read ``_initial_epoch`` (our resume point) before the first epoch began. Clear it
+        # now: a fit() that raises skips on_train_end, and the next fit() would skip epochs.
+        self._clear_initial_epoch()
         self._core.on_epoch_begin(epoch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
@@ -171,8 +181,12 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             self._save(epoch, None, logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
+        # Also here: a resume that left no epoch to train never reaches on_epoch_begin.
+        self._clear_initial_epoch()
+
+    def _clear_initial_epoch(self) -> None:
         # Keras reads ``_initial_epoch`` in every fit(): left set, the next fit would skip epochs.
-        if self.model is not None:
+        if self.model is not None and getattr(self.model, "_initial_epoch", None) is not None:
             self.model._initial_epoch = None
 
     # -- saving -------------------------------------------------------------------------------
@@ -191,19 +205,29 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         state["keras"] = self._keras_state()
         blob = json.dumps(state).encode("utf-8")
         include_optimizer = self.save_optimizer
-        if path.endswith(".keras"):
+        fast = _kerasio.fast_write_available()
+        if path.endswith(".keras") and fast:
             _kerasio.write_keras(
                 self.model, tx.open(), state=blob, include_optimizer=include_optimizer
             )
-        elif path.endswith(".weights.h5"):
+        elif path.endswith(".keras"):  # Keras's own writer, then the archive copied with our state
+            scratch = os.path.join(tx.staging_dir(), "model.keras")
+            self.model.save(scratch)
+            _kerasio.copy_keras_with_state(
+                scratch, tx.temp_path(), state=blob, include_optimizer=include_optimizer
+            )
+        elif path.endswith(".weights.h5") and fast:
             _kerasio.write_weights_h5(
                 self.model, tx.open(), state=blob, include_optimizer=include_optimizer
             )
-        else:  # legacy .h5: Keras's own writer, then our state group beside its data
+        elif path.endswith(".weights.h5"):  # Keras's own writer, then our state beside its data
+            tmp = tx.temp_path()
+            self.model.save_weights(tmp, overwrite=True)
+            _kerasio.add_state_h5(tmp, blob, drop_optimizer=not include_optimizer)
+        else:  # legacy .h5: always Keras's own writer (it honours include_optimizer)
             tmp = tx.temp_path()
             self.model.save(tmp, overwrite=True, include_optimizer=include_optimizer)
-            with h5py.File(tmp, "a") as f:
-                f.create_dataset(_kerasio.STATE_MEMBER, data=np.frombuffer(blob, dtype=np.uint8))
+            _kerasio.add_state_h5(tmp, blob, drop_optimizer=False)
 
     def _keras_state(self) -> dict[str, Any]:
         """What Keras's files leave out: SeedGenerator states and the backend's global RNG."""
@@ -219,18 +243,19 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         return out
 
     def _seed_variables(self) -> list:
-        from keras.src.backend.common import global_state
-        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
-
         found = [v for v in self.model.variables if v.name == _SEED_STATE]
-        gen = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
-        if gen is not None:
-            found.append(gen.state)
+        apis = (_compat.KERAS_GET_GLOBAL_ATTRIBUTE, _compat.KERAS_GLOBAL_SEED_GENERATOR)
+        if all(_compat.available(api) for api in apis):
+            get, key = (_compat.resolve(api) for api in apis)
+            gen = get(key)
+            if gen is not None:
+                found.append(gen.state)
         return found
 
     # -- restoring ----------------------------------------------------------------------------
 
     def _restore(self, path: str) -> None:
+        self._check_format(path)
         if path.endswith(".h5") and not path.endswith(".weights.h5"):
             self._load_legacy_h5(path)
         else:
@@ -247,7 +272,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             self._restore_keras_state(state.get("keras") or {})
         self._core.restored(path, state)
         if self._core.epochs_done:
-            self.model._initial_epoch = self._core.epochs_done
+            self._set_initial_epoch(self._core.epochs_done)
         if state and state.get("batch") is not None:
             warnings.warn(
                 f"{path} was saved in the middle of epoch {self._core.epochs_done + 1} (after "
@@ -256,11 +281,39 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 stacklevel=3,
             )
         if self.verbose > 0:
-            io_utils.print_msg(
+            _print_msg(
                 f"Restored {path}: continuing at epoch {self._core.epochs_done + 1} "
                 f"(step {self._core.step}, best {self.monitor}="
                 f"{'None' if self.best is None else f'{self.best:.5f}'})"
             )
+
+    def _check_format(self, path: str) -> None:
+        """A ValueError naming ``resume`` for a file no Keras loader reads (e.g. a torch ``.pt``)."""
+        expected = "h5" if path.endswith(".h5") else "keras"
+        found = _kerasio.file_format(path)
+        if found == expected:
+            return
+        kinds = {"keras": "a .keras zip archive", "h5": "an HDF5 file"}
+        if found is None:
+            what = "neither a .keras archive nor an HDF5 file (another framework's checkpoint?)"
+        else:
+            what = f"{kinds[found]}, but its name calls for {kinds[expected]}"
+        raise ValueError(
+            f"resume: {path!r} is not a Keras checkpoint this callback can restore: it is {what}. "
+            f"Received: resume={self._core.resume!r}"
+        )
+
+    def _set_initial_epoch(self, epoch: int) -> None:
+        # Every backend's fit() reads ``_initial_epoch`` right after on_train_begin. A Keras
+        # whose Trainer no longer sets it would ignore it: say so rather than retrain silently.
+        if "_initial_epoch" not in vars(self.model):
+            warnings.warn(
+                f"This Keras version does not read model._initial_epoch: the training state is "
+                f"restored, but pass initial_epoch={epoch} to fit() to skip the {epoch} epochs "
+                "already done.",
+                stacklevel=4,
+            )
+        self.model._initial_epoch = epoch
 
     def _load_legacy_h5(self, path: str) -> None:
         """Legacy HDF5 files have their own layout; Keras's loader reads them, we copy the values."""
@@ -287,6 +340,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
 
     def _infer_mode(self) -> str | None:
         """``mode="auto"`` from the compiled metrics' direction, as Keras decides it."""
+        if not _compat.available(_compat.KERAS_SET_MONITOR_OP):
+            return None  # the monitor's name decides, or it is a ValueError at train begin
         saved = self.mode
         try:
             self._set_monitor_op()
@@ -295,3 +350,18 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         finally:
             self.mode = saved
         return "max" if self.monitor_op is keras.ops.greater else "min"
+
+
+def _flag(name: str, value: Any) -> bool:
+    """``value`` as a bool; anything else is a TypeError naming the argument."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")
+
+
+def _print_msg(message: str) -> None:
+    """Keras's own message printer (absl logging when Keras is set to use it), else print."""
+    if _compat.available(_compat.KERAS_PRINT_MSG):
+        _compat.resolve(_compat.KERAS_PRINT_MSG)(message)
+    else:
+        print(message)

@@ -318,6 +318,41 @@ def test_bad_filepaths_raise_value_error_naming_filepath(tmp_path):
         keras_ckpt.ModelCheckpoint(str(tmp_path / "m.keras"), keep_best=1)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"save_weights_only": "no"}, TypeError, r"Received: save_weights_only='no'"),
+        ({"save_optimizer": "no"}, TypeError, r"Received: save_optimizer='no'"),
+        ({"filepath": 123}, TypeError, r"Received: filepath=123"),
+    ],
+)
+def test_non_bool_flags_and_non_path_filepaths_fail_at_construction(tmp_path, kwargs, error, match):
+    kwargs = {"filepath": str(tmp_path / "c-{epoch}.keras"), **kwargs}
+    with pytest.raises(error, match=match):
+        keras_ckpt.ModelCheckpoint(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["text named .keras", "torch .pt", "keras archive named .h5"])
+def test_resume_from_a_file_of_another_format_fails_at_train_begin_naming_it(tmp_path, kind):
+    if kind == "text named .keras":
+        bad = tmp_path / "notes.keras"
+        bad.write_text("not a checkpoint")
+    elif kind == "torch .pt":
+        torch = pytest.importorskip("torch")
+        bad = tmp_path / "model.pt"
+        torch.save({"w": torch.zeros(3)}, bad)
+    else:
+        fit(tiny_model(), [keras_ckpt.ModelCheckpoint(str(tmp_path / "a.keras"))], 1)
+        bad = tmp_path / "renamed.h5"
+        os.rename(tmp_path / "a.keras", bad)
+    ckpt = keras_ckpt.ModelCheckpoint(str(tmp_path / "out" / "c-{epoch}.keras"), resume=str(bad))
+    seen = Epochs()
+    with pytest.raises(ValueError, match=rf"resume: '{bad}' is not a Keras checkpoint.*"
+                                         rf"Received: resume='{bad}'"):
+        fit(tiny_model(), [ckpt, seen], 2)
+    assert seen.seen == []
+
+
 class Epochs(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -417,3 +452,37 @@ def test_resume_from_a_single_file(tmp_path):
     hist = fit(tiny_model(), [ckpt], 4)
     assert hist.epoch == [2, 3] and ckpt.restored_path == str(tmp_path / "loose.keras")
     assert names(tmp_path / "b") == ["c-3.keras", "c-4.keras"]
+
+
+def test_a_fit_that_raises_after_resume_does_not_shorten_the_next_fit(tmp_path):
+    template = str(tmp_path / "c-{epoch}.keras")
+    fit(tiny_model(), [keras_ckpt.ModelCheckpoint(template)], 3)
+
+    class Boom(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("boom")
+
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(model, [keras_ckpt.ModelCheckpoint(template, resume=True), Boom()], 5)
+    assert fit(model, [], 2).epoch == [0, 1], "the crashed resume's start epoch leaked"
+
+
+@pytest.mark.parametrize("writers", ["fast", "keras's own"])
+def test_files_are_created_with_the_umask_not_0600(tmp_path, monkeypatch, writers):
+    if writers != "fast":
+        from keras_ckpt import _compat
+
+        real = _compat.available
+        monkeypatch.setattr(_compat, "available", lambda api: api.framework != "keras" and real(api))
+    old = os.umask(0o022)
+    try:
+        model = tiny_model()
+        for template, kw in [("a-{epoch}.keras", {}), ("b-{epoch}.weights.h5",
+                             {"save_weights_only": True}), ("c-{epoch}.h5", {})]:
+            fit(model, [keras_ckpt.ModelCheckpoint(str(tmp_path / template), **kw)], 1)
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir() if p.is_file()}
+    assert {"a-1.keras", "b-1.weights.h5", "c-1.h5", "checkpoints.json"} <= set(modes)
+    assert set(modes.values()) == {"0o644"}, modes

@@ -1,0 +1,109 @@
+"""The private Keras APIs keras_ckpt uses exist on this Keras, and the public fallbacks work."""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+
+import keras_ckpt  # noqa: E402
+from keras_ckpt import _compat, _kerasio  # noqa: E402
+
+
+@pytest.mark.parametrize("api", _compat.KERAS, ids=lambda api: api.name)
+def test_each_private_keras_api_exists_with_the_parameters_we_pass(api):
+    _compat.check(api)
+    assert _compat.available(api)
+
+
+def test_fit_still_starts_at_model_initial_epoch():
+    # What resume relies on: fit() reads the attribute, so it must still be a per-model setting.
+    model = _model()
+    assert "_initial_epoch" in vars(model)
+    model._initial_epoch = 2
+    x, y = _data()
+    assert model.fit(x, y, epochs=4, verbose=0).epoch == [2, 3]
+
+
+def test_format_names_match_keras():
+    assert (_kerasio._WEIGHTS_MEMBER, _kerasio._CONFIG_MEMBER, _kerasio._METADATA_MEMBER,
+            _kerasio._ASSETS_DIR) == ("model.weights.h5", "config.json", "metadata.json", "assets")
+
+
+def _model():
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+def _data():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    return x, x.sum(axis=1, keepdims=True)
+
+
+def _values(model):
+    return [keras.ops.convert_to_numpy(v) for v in model.weights + model.optimizer.variables]
+
+
+class _Probe(keras.callbacks.Callback):
+    """Records the model's values right after the checkpoint callback restored them."""
+
+    def on_train_begin(self, logs=None):
+        self.restored = _values(self.model)
+
+
+@pytest.fixture
+def no_private_keras(monkeypatch):
+    real = _compat.available
+    monkeypatch.setattr(_compat, "available", lambda api: api.framework != "keras" and real(api))
+    assert not _kerasio.fast_write_available() and not _kerasio.fast_read_available()
+
+
+@pytest.mark.parametrize(
+    "template, kwargs",
+    [("c-{epoch}.keras", {}), ("c-{epoch}.weights.h5", {"save_weights_only": True}),
+     ("c-{epoch}.keras", {"save_optimizer": False})],
+    ids=["keras", "weights.h5", "keras-no-optimizer"],
+)
+def test_save_and_resume_through_keras_public_writers_are_exact(
+    tmp_path, no_private_keras, template, kwargs
+):
+    x, y = _data()
+    path = str(tmp_path / template)
+    first = _model()
+    first.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[keras_ckpt.ModelCheckpoint(path, **kwargs)])
+    saved = _values(first)
+    if template.endswith(".keras"):  # written by Keras's zipfile writer, not the streaming one
+        with zipfile.ZipFile(tmp_path / "c-2.keras") as archive:
+            assert not archive.getinfo("model.weights.h5").flag_bits & 0x08
+        with warnings.catch_warnings():  # without the optimizer, Keras says it starts fresh
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            loaded = keras.models.load_model(tmp_path / "c-2.keras")  # still a stock Keras file
+        np.testing.assert_array_equal(loaded.predict(x, verbose=0), first.predict(x, verbose=0))
+
+    resumed, probe = _model(), _Probe()
+    ckpt = keras_ckpt.ModelCheckpoint(path, resume=True, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*optimizer", category=UserWarning)
+        hist = resumed.fit(x, y, batch_size=8, epochs=4, shuffle=False, verbose=0,
+                           callbacks=[ckpt, probe])
+    assert ckpt.restored_path == str(tmp_path / template.format(epoch=2))
+    assert hist.epoch == [2, 3]
+    n_weights = len(first.weights)
+    expected = saved if kwargs.get("save_optimizer", True) else saved[:n_weights]
+    for got, want in zip(probe.restored, expected):
+        assert got.tobytes() == want.tobytes()
+    if kwargs.get("save_optimizer", True):
+        first.fit(x, y, batch_size=8, epochs=4, initial_epoch=2, shuffle=False, verbose=0)
+        for got, want in zip(_values(resumed), _values(first)):  # and it trains on identically
+            assert got.tobytes() == want.tobytes()
+    else:
+        assert int(keras.ops.convert_to_numpy(resumed.optimizer.iterations)) == 8  # fresh + 8
