@@ -1,7 +1,7 @@
 """Every private Keras, TensorFlow and torch API keras_ckpt uses, named in one place.
 
 Private APIs change without notice between releases. Each one used anywhere in the package is
-listed here with the parameters the calling code passes, and ``tests/test_compat.py`` asserts each
+listed here with the parameters the calling code passes, and ``tests/test_compat_*.py`` assert each
 exists with that signature in the installed frameworks, so an upgrade fails loudly naming the
 symbol instead of misbehaving. Where a public path exists, the caller falls back to it when
 :func:`available` says the private one is gone.

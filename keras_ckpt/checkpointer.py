@@ -339,8 +339,12 @@ class Checkpointer:
 
     def _warn_earlier_run(self) -> None:
         """A new run into a series with checkpoints, without resume: usually a forgotten flag."""
-        records = self.engine.records
-        best = "" if self.engine.best is None else f" (best {self.monitor} so far: {self.engine.best:g})"
+        records = [r for r in self.engine.records if self.engine.store.stat(r.path).kind == "file"]
+        if not records:
+            return
+        same = self.engine.state.monitor == self.monitor
+        best = "" if self.engine.best is None or not same else (
+            f" (best {self.monitor} so far: {self.engine.best:g})")
         warnings.warn(
             f"resume=False, but {self.engine.directory} already holds {len(records)} checkpoint(s) "
             f"of this filepath from an earlier run, the newest {records[-1].name!r}{best}. This "

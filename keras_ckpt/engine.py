@@ -259,9 +259,13 @@ class Engine:
             self.store.acquire()
             self._writing = True
             self._finalizer = weakref.finalize(self, storage.release_writer, self.directory)
-        with storage.directory_lock(self.directory):
-            m = self._recovered()
-            self.store.sweep()
+        try:
+            with storage.directory_lock(self.directory):
+                m = self._recovered()
+                self.store.sweep()
+        except BaseException:
+            self.close()  # e.g. a damaged manifest: refuse, and leave the directory to others
+            raise
         self._load(m)
 
     def close(self) -> None:

@@ -163,7 +163,11 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         self._resume_pending = False
         self.monitor_op = keras.ops.less if self._core.policy.mode == "min" else keras.ops.greater
         if path is not None:
-            self._restore(path)
+            try:
+                self._restore(path)
+            except BaseException:
+                self._core.end()
+                raise
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._current_epoch = epoch
@@ -183,6 +187,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
     def on_train_end(self, logs: dict | None = None) -> None:
         # Also here: a resume that left no epoch to train never reaches on_epoch_begin.
         self._clear_initial_epoch()
+        self._core.end()
 
     def _clear_initial_epoch(self) -> None:
         # Keras reads ``_initial_epoch`` in every fit(): left set, the next fit would skip epochs.

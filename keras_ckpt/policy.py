@@ -223,7 +223,7 @@ class KeepEveryNHours:
     Walking in commit order, a record is kept when it is at least ``hours`` after the previous
     kept one (or after ``since``, where given: TF's manager measures from its creation; else the
     first record is kept). Records kept so earlier stay kept and restart the spacing; a clock
-    that stepped back (a record older than the anchor) restarts it from that record.
+    that stepped back (a record older than the one before it) restarts it from that record.
     """
 
     hours: float
@@ -233,13 +233,15 @@ class KeepEveryNHours:
     def select(self, records: Sequence[RecordLike]) -> list[str]:
         interval = self.hours * 3600.0
         anchor = self.since
+        previous: float | None = None
         out = []
         for r in records:
             if EVERY_N_HOURS in getattr(r, "kept", ()) or anchor is None or r.time >= anchor + interval:
                 out.append(r.name)
                 anchor = r.time
-            elif r.time < anchor:  # the clock stepped back: measure from here on
+            elif previous is not None and r.time < previous:  # the clock stepped back
                 anchor = r.time
+            previous = r.time
         return out
 
 

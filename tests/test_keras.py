@@ -175,7 +175,10 @@ def test_resume_from_a_read_only_copy_writes_elsewhere_and_carries_best(tmp_path
         os.chmod(src, 0o755)
     assert hist.epoch == [3, 4] and b.restored_path == str(src / "ck-3.keras")
     assert {p.name: p.read_bytes() for p in src.iterdir()} == snapshot
-    assert names(tmp_path / "new") == ["ck-5.keras"] and b.best == 0.8
+    # The restored checkpoint is copied into the new output (so the next job can resume from
+    # it), then the improving epoch 5 is saved.
+    assert names(tmp_path / "new") == ["ck-3.keras", "ck-5.keras"] and b.best == 0.8
+    assert (tmp_path / "new" / "ck-3.keras").read_bytes() == snapshot["ck-3.keras"]
 
 
 def test_corrupt_newest_is_skipped_on_resume(tmp_path):
@@ -451,7 +454,8 @@ def test_resume_from_a_single_file(tmp_path):
                                       resume=str(tmp_path / "loose.keras"))
     hist = fit(tiny_model(), [ckpt], 4)
     assert hist.epoch == [2, 3] and ckpt.restored_path == str(tmp_path / "loose.keras")
-    assert names(tmp_path / "b") == ["c-3.keras", "c-4.keras"]
+    # The loose file is copied in under the series' name for its epoch, then training goes on.
+    assert names(tmp_path / "b") == ["c-2.keras", "c-3.keras", "c-4.keras"]
 
 
 def test_a_fit_that_raises_after_resume_does_not_shorten_the_next_fit(tmp_path):

@@ -11,9 +11,17 @@ from hypothesis import strategies as st
 
 from keras_ckpt.policy import (
     UNSET,
+    Candidate,
+    KeepBest,
+    KeepEveryNEpochs,
+    KeepEveryNHours,
+    KeepLatest,
+    KeepPending,
     RetentionPolicy,
     SaveSchedule,
+    best_of,
     is_improvement,
+    ranked,
     resolve_mode,
     resolve_preset,
 )
@@ -169,3 +177,118 @@ def test_retention_invariants(vals, max_to_keep, keep_best, mode, every_n):
     survivors = [r for r in recs if r.name in keep]
     again = policy.retain(survivors)
     assert set(again) == set(keep)
+
+
+# -- the composable rules, each alone ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RR:
+    """A record with the optional fields (commit order, run, reasons kept so far)."""
+
+    name: str
+    epoch: int = 0
+    time: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    pending: bool = False
+    seq: int = 0
+    run: int = 1
+    kept: tuple = ()
+
+
+def test_keep_latest_alone():
+    recs = [RR(f"c{i}") for i in range(5)]
+    assert KeepLatest(2).select(recs) == ["c3", "c4"]
+    assert KeepLatest(0).select(recs) == []
+    assert KeepLatest(None).select(recs) == [r.name for r in recs]
+    assert KeepLatest(9).select(recs) == [r.name for r in recs]
+
+
+def test_keep_best_ranks_only_its_run_and_breaks_ties_by_commit_order():
+    recs = [
+        RR("old", metrics={"m": 0.1}, seq=1, run=1),
+        RR("a", metrics={"m": 0.5}, seq=3, run=2),
+        RR("b", metrics={"m": 0.3}, seq=2, run=2),  # listed out of commit order on purpose
+        RR("c", metrics={"m": 0.3}, seq=4, run=2),
+        RR("nan", metrics={"m": float("nan")}, seq=5, run=2),
+    ]
+    assert KeepBest(2, "m", "min", run=2).select(recs) == ["b", "c"]
+    assert KeepBest(1, "m", "max", run=2).select(recs) == ["a"]
+    assert KeepBest(1, "m", "min").select(recs) == ["old"]  # any run
+    assert KeepBest(3, "other", "min").select(recs) == []
+
+
+def test_keep_every_n_epochs_never_keeps_epoch_zero_and_keeps_the_epoch_end():
+    recs = [RR("e0", 0), RR("e1", 1), RR("e2", 2), RR("e2-mid", 2), RR("e3", 3), RR("e4", 4)]
+    assert KeepEveryNEpochs(2).select(recs) == ["e2", "e4"]
+    assert KeepEveryNEpochs(1).select(recs) == ["e1", "e2", "e3", "e4"]
+    assert KeepEveryNEpochs(5).select(recs) == []
+
+
+def test_keep_every_n_hours_spacing_anchor_and_clock_steps():
+    h = 3600.0
+    recs = [RR(f"t{i}", time=t * h) for i, t in enumerate([0, 0.5, 1.0, 1.2, 2.5, 3.4])]
+    assert KeepEveryNHours(1).select(recs) == ["t0", "t2", "t4"]
+    assert KeepEveryNHours(1, since=0.9 * h).select(recs) == ["t4"]  # TF: from creation
+    # A record kept hourly before stays, and restarts the spacing.
+    sticky = [RR("a", time=0), RR("b", time=0.2 * h, kept=("every_n_hours",)), RR("c", time=1.1 * h)]
+    assert KeepEveryNHours(1).select(sticky) == ["a", "b"]
+    # The clock stepped back 5 hours: spacing restarts from the earlier time instead of stalling.
+    back = [RR("x", time=10 * h), RR("y", time=5 * h), RR("z", time=6.1 * h)]
+    assert KeepEveryNHours(1).select(back) == ["x", "z"]
+
+
+def test_keep_pending_alone():
+    assert KeepPending().select([RR("a"), RR("b", pending=True)]) == ["b"]
+
+
+def test_archive_reasons_stick_when_the_policy_changes():
+    recs = [RR("a", kept=("every_n_epochs",)), RR("b", kept=("every_n_hours",)), RR("c", kept=("latest",)),
+            RR("d")]
+    keep = RetentionPolicy(max_to_keep=1).retain(recs)
+    assert keep == {"a": ("every_n_epochs",), "b": ("every_n_hours",), "d": ("latest",)}
+
+
+def test_protect_adds_a_reason_only_for_listed_names():
+    recs = [RR("a"), RR("b"), RR("c")]
+    keep = RetentionPolicy(max_to_keep=1).retain(recs, protect={"a": "verified", "zz": "x"})
+    assert keep == {"a": ("verified",), "c": ("latest",)}
+
+
+def test_best_of_baseline_wins_ties_only_when_earlier():
+    recs = [RR("a", metrics={"m": 0.5}, seq=3), RR("b", metrics={"m": 0.4}, seq=4)]
+    assert best_of(recs, "m", "min") == Candidate(0.4, 4, "b")
+    assert best_of(recs, "m", "min", Candidate(0.4, -1, None)) == Candidate(0.4, -1, None)
+    assert best_of(recs, "m", "min", Candidate(0.4, 9, None)) == Candidate(0.4, 4, "b")
+    assert best_of(recs, "m", "min", Candidate(0.45, -1, None)).name == "b"
+    assert best_of(recs, "m", "max", Candidate(0.45, -1, None)).name == "a"
+    assert best_of([], "m", "min") is None
+    assert best_of([RR("n", metrics={"m": None})], "m", "min") is None
+
+
+def test_ranked_agrees_with_best_of_and_with_best_n():
+    vals = [0.3, 0.1, 0.1, 0.7, None, 0.2]
+    recs = [RR(f"r{i}", metrics={} if v is None else {"m": v}, seq=i + 1) for i, v in enumerate(vals)]
+    order = [c.name for c in ranked(recs, "m", "min")]
+    assert order == ["r1", "r2", "r5", "r0", "r3"]
+    assert best_of(recs, "m", "min").name == order[0]
+    assert RetentionPolicy(keep_best=3, monitor="m", max_to_keep=0).best_names(recs, 3) == order[:3]
+
+
+def test_policy_round_trips_through_its_stored_form_and_overrides_win():
+    p = RetentionPolicy(max_to_keep=3, keep_best=2, keep_every_n_epochs=5, keep_every_n_hours=1.5,
+                        monitor="m", mode="max")
+    stored = p.to_json()
+    assert RetentionPolicy.from_json(stored, monitor="m", mode="max") == p
+    q = RetentionPolicy.from_json({**stored, "unknown": 1}, monitor="m", mode="max", max_to_keep=1,
+                                  keep_best=UNSET)
+    assert q.max_to_keep == 1 and q.keep_best == 2 and q.keep_every_n_epochs == 5
+    with pytest.raises(ValueError, match="max_to_keep"):
+        RetentionPolicy.from_json({"max_to_keep": "3"}, monitor="m", mode="min")
+
+
+def test_retain_with_run_keeps_only_the_current_runs_best():
+    recs = [RR("old", metrics={"m": 0.01}, seq=1, run=1), RR("n1", metrics={"m": 0.5}, seq=2, run=2),
+            RR("n2", metrics={"m": 0.6}, seq=3, run=2), RR("n3", metrics={"m": 0.7}, seq=4, run=2)]
+    keep = RetentionPolicy(max_to_keep=1, keep_best=1, monitor="m").retain(recs, run=2)
+    assert keep == {"n1": ("best",), "n3": ("latest",)}
