@@ -44,8 +44,10 @@ def main() -> None:
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
+    rotates = "{" in args.template  # a single-file name is overwritten in place instead
     ckpt = keras_ckpt.ModelCheckpoint(
-        os.path.join(args.out, args.template), monitor="val_loss", max_to_keep=2, keep_best=1,
+        os.path.join(args.out, args.template), monitor="val_loss",
+        max_to_keep=2 if rotates else None, keep_best=1 if rotates else 0,
         resume=args.resume, save_freq=save_freq, save_weights_only=args.template.endswith(".weights.h5"),
     )
     hist = model.fit(x, y, batch_size=16, epochs=args.epochs, shuffle=True, validation_split=0.25,

@@ -1,0 +1,68 @@
+"""kill -9 a real Keras training process that saves every batch; the next run finds a clean directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from keras_ckpt import manifest as mf
+from keras_ckpt.engine import Engine, verify
+from keras_ckpt.policy import RetentionPolicy
+
+JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "keras_job.py")
+
+
+def _committed(directory) -> int:
+    try:
+        return len(mf.load(str(directory)).checkpoints)
+    except (mf.ManifestError, OSError):
+        return 0
+
+
+@pytest.mark.parametrize("template", ["ck-{epoch:03d}-{batch:02d}.keras", "last.weights.h5"])
+def test_kill_9_during_per_batch_saves_then_resume(tmp_path, template):
+    d = tmp_path / "run"
+    rnd = random.Random(template)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    kills = 0
+    for _ in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, JOB, str(d), "400", "--resume", "--template", template, "--save-freq", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        before = _committed(d)
+        deadline = time.monotonic() + 120
+        while _committed(d) <= before and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)  # wait for this process's first commit: then it is saving every batch
+        time.sleep(rnd.random() * 0.4)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        e = Engine(str(d / template), framework="keras", policy=RetentionPolicy(monitor="val_loss"))
+        e.open()  # what the next run's train begin does first
+        e.close()
+        m = mf.load(str(d))
+        assert m.intent is None and m.checkpoints
+        for r in m.checkpoints:
+            assert verify(str(d), r) is None, r.name
+        on_disk = {p.name for p in d.iterdir()} - {mf.FILENAME, ".checkpoints.lock"}
+        assert on_disk == m.listed_files(), "only listed files after the next open"
+    assert kills == 5
+    newest = max(mf.load(str(d)).checkpoints, key=lambda r: r.seq)
+    # The next run resumes from the newest committed step and trains on from there.
+    done = subprocess.run(
+        [sys.executable, JOB, str(d), str(newest.epoch + 2), "--resume", "--template", template,
+         "--save-freq", "1"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["restored"] == str(d / newest.path)
+    assert report["iterations"] > newest.step
