@@ -94,8 +94,9 @@ class ModelCheckpoint(CheckpointAttributes):
     the sampler per epoch), since the restored RNG state is the one after the order was drawn.
 
     Args:
-        filepath: where to save, a template ending in `.pt`: `{epoch}` (1-based), `{batch}`
-            and log keys, as Keras (`"runs/a/ckpt-{epoch:03d}-{val_loss:.3f}.pt"`).
+        filepath: where to save, a template ending in `.pt`, `.pth` or `.pth.tar` (the same
+            zip format whatever the name): `{epoch}` (1-based), `{batch}` and log keys, as
+            Keras (`"runs/a/ckpt-{epoch:03d}-{val_loss:.3f}.pt"`).
         model: the `torch.nn.Module` to save (wrapped or not).
         optimizer: its optimizer, or None.
         scheduler: a learning-rate scheduler (anything with `state_dict()`/`load_state_dict()`),
@@ -244,6 +245,9 @@ class ModelCheckpoint(CheckpointAttributes):
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Save if due (every epoch by default). Call it after `scheduler.step()`.
+
+        The first call's `epoch` is what `on_train_begin` returned, then each next one: a loop
+        that numbers its epochs otherwise (1-based) gets a warning, once.
 
         Args:
             epoch: the epoch that just ended (0-based, the loop's `range` value).
@@ -652,7 +656,7 @@ class _TorchZipWriter:
                 _CENTRAL_HEADER.pack(
                     b"PK\x01\x02", version, version, _ZIP_FLAGS, 0, 0, 0, crc, listed_size,
                     listed_size, len(name), len(extra) if fields else 0, 0, 0, 0, 0,
-                    min(offset, 0xFFFFFFFF),
+                    0xFFFFFFFF if offset > _ZIP64_LIMIT else offset,
                 )
                 + name
                 + (extra if fields else b"")
@@ -663,7 +667,7 @@ class _TorchZipWriter:
             self._emit(_END_RECORD64.pack(b"PK\x06\x06", _END_RECORD64.size - 12, 45, 45, 0, 0,
                                           count, count, cd_size, start))
             self._emit(_END_LOCATOR64.pack(b"PK\x06\x07", 0, record, 1))
-            count, cd_size, start = min(count, 0xFFFF), min(cd_size, 0xFFFFFFFF), min(start, 0xFFFFFFFF)
+            count, cd_size, start = 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF  # see the ZIP64 records
         self._emit(_END_RECORD.pack(b"PK\x05\x06", 0, 0, count, count, cd_size, start, 0))
 
 
