@@ -6,8 +6,9 @@ slots). Every method ends with its bytes on disk (fsync):
 
 - raw write + fsync: the bytes torch.save produces for the same dict, from memory, one write.
 - torch.save + fsync: ``torch.save(state, f)`` of the same dict, then fsync.
-- keras_ckpt.torch: ``ModelCheckpoint.on_epoch_end``: state capture, torch's zip format,
-  xxh3-128 checksum, fsync, rename, directory fsync, manifest commit.
+- keras_ckpt.torch: ``ModelCheckpoint.on_epoch_end``: state capture, torch's zip format
+  (CRC-32s computed beside the write), xxh3-128 checksum, fsync, rename, directory fsync,
+  manifest commit.
 - raw, early writeback: the raw write through the shim's output path
   (``keras_ckpt.storage.EarlyWriteback``: disk started per 16 MiB, pages dropped behind the
   write), to show what that part is worth alone.

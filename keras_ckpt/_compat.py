@@ -163,7 +163,16 @@ TENSORFLOW: tuple[PrivateAPI, ...] = (
         "due after any run, one extra global-step read per run)",
     ),
 )
-TORCH: tuple[PrivateAPI, ...] = ()
+TORCH_SAVE = PrivateAPI(
+    "torch",
+    "torch.serialization",
+    "_save",
+    params=("obj", "zip_file", "pickle_module", "pickle_protocol", "_disable_byteorder_record"),
+    used_by="keras_ckpt.torch._torch_save: torch's pickling step, into keras_ckpt's own zip "
+    "writer (called as write_record(name, str-or-CPU-UntypedStorage, size))",
+    fallback="torch.save (torch's C++ zip writer: the CRC-32s on one core before each write)",
+)
+TORCH: tuple[PrivateAPI, ...] = (TORCH_SAVE,)
 
 ALL: tuple[PrivateAPI, ...] = KERAS + TENSORFLOW + TORCH
 

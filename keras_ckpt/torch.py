@@ -17,24 +17,32 @@ nor Keras.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import random
+import struct
 import warnings
+import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from keras_ckpt import storage
+from keras_ckpt import _compat, storage
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
 
 __all__ = ["ModelCheckpoint"]
 
+# The PyTorch tutorial's own name is checkpoint.pth.tar (a zip file nonetheless, as torch.save writes).
+_EXTENSIONS = (".pt", ".pth", ".pth.tar")
 _EXACT_LEAVES = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
 
 
@@ -86,8 +94,9 @@ class ModelCheckpoint(CheckpointAttributes):
     the sampler per epoch), since the restored RNG state is the one after the order was drawn.
 
     Args:
-        filepath: where to save, a template ending in `.pt`: `{epoch}` (1-based), `{batch}`
-            and log keys, as Keras (`"runs/a/ckpt-{epoch:03d}-{val_loss:.3f}.pt"`).
+        filepath: where to save, a template ending in `.pt`, `.pth` or `.pth.tar` (the same
+            zip format whatever the name): `{epoch}` (1-based), `{batch}` and log keys, as
+            Keras (`"runs/a/ckpt-{epoch:03d}-{val_loss:.3f}.pt"`).
         model: the `torch.nn.Module` to save (wrapped or not).
         optimizer: its optimizer, or None.
         scheduler: a learning-rate scheduler (anything with `state_dict()`/`load_state_dict()`),
@@ -141,13 +150,14 @@ class ModelCheckpoint(CheckpointAttributes):
         preset: str | None = None,
         strict: bool = True,
     ) -> None:
-        path = os.fspath(filepath)
-        if not isinstance(path, str) or not path.endswith(".pt"):
+        path = os.fspath(filepath) if isinstance(filepath, (str, os.PathLike)) else filepath
+        if isinstance(path, str) and not path.endswith(_EXTENSIONS):
             raise ValueError(
-                "The filepath provided must end in `.pt` (torch.save format). "
-                f"Received: filepath={path!r}"
+                "The filepath provided must end in `.pt`, `.pth` or `.pth.tar` (torch.save "
+                f"format). Received: filepath={path!r}"
             )
-        _check_stateful("model", model)
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module. Received: model={model!r}")
         if optimizer is not None:
             _check_stateful("optimizer", optimizer)
         if scheduler is not None:
@@ -158,7 +168,14 @@ class ModelCheckpoint(CheckpointAttributes):
                 f"Received: extra={extra!r}"
             )
         for name, obj in (extra or {}).items():
+            if not isinstance(name, str):
+                raise ValueError(
+                    f"extra's keys must be strings (they name the objects in the checkpoint). "
+                    f"Received: extra key {name!r} in extra={extra!r}"
+                )
             _check_stateful(f"extra[{name!r}]", obj)
+        if not isinstance(strict, bool):
+            raise ValueError(f"strict must be True or False. Received: strict={strict!r}")
         self._core = Checkpointer(
             path,
             framework="torch",
@@ -185,6 +202,7 @@ class ModelCheckpoint(CheckpointAttributes):
         self.start_batch = 0
         self._batch_calls = 0  # on_train_batch_end calls in the running epoch
         self._counts_batches = False
+        self._next_epoch: int | None = None  # the epoch on_epoch_end should get next
 
     # -- attributes shared with the Keras callback --------------------------------------------
 
@@ -197,7 +215,18 @@ class ModelCheckpoint(CheckpointAttributes):
         self.start_batch = 0
         path = self._core.begin()
         if path is not None:
-            self.restore(path)
+            try:
+                try:
+                    payload = _load(path)
+                except _Unreadable as e:
+                    raise ValueError(
+                        f"resume={self._core.resume!r}: {e} Received: resume={self._core.resume!r}"
+                    ) from None
+                self._restore(path, payload)
+            except BaseException:
+                self._core.end()  # nothing was trained: leave the directory to other writers
+                raise
+        self._next_epoch = self._core.epochs_done
         return self._core.epochs_done
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
@@ -221,6 +250,9 @@ class ModelCheckpoint(CheckpointAttributes):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Save if due (every epoch by default). Call it after `scheduler.step()`.
 
+        The first call's `epoch` is what `on_train_begin` returned, then each next one: a loop
+        that numbers its epochs otherwise (1-based) gets a warning, once.
+
         Args:
             epoch: the epoch that just ended (0-based, the loop's `range` value).
             logs: this epoch's metrics, e.g. `{"loss": 0.31, "val_accuracy": 0.94}`; numpy
@@ -228,6 +260,7 @@ class ModelCheckpoint(CheckpointAttributes):
         """
         self._batch_calls = 0
         self.start_batch = 0
+        self._check_epoch(epoch)
         if not self._counts_batches:
             steps = _optimizer_steps(self.optimizer)
             if steps is not None:
@@ -235,12 +268,26 @@ class ModelCheckpoint(CheckpointAttributes):
         if self._core.epoch_due(epoch):
             self._save(epoch, None, logs)
 
-    def on_train_end(self) -> None:
-        """End of training. Saves are synchronous, so every due checkpoint is committed already.
+    def _check_epoch(self, epoch: int) -> None:
+        """Warn (once per run) when ``epoch`` does not follow the numbering on_train_begin set."""
+        expected, self._next_epoch = self._next_epoch, epoch + 1
+        if expected is None or epoch == expected:
+            return
+        self._next_epoch = None  # once: the rest of the run keeps its own numbering
+        warnings.warn(
+            f"on_epoch_end(epoch={epoch}) where epoch={expected} was expected: epochs are "
+            "0-based, the first one being what on_train_begin() returned, then consecutive "
+            "(`for epoch in range(ckpt.on_train_begin(), epochs)`). Checkpoint names use "
+            f"epoch + 1 ({{epoch}} = {epoch + 1} here), and a resumed run starts at the epoch "
+            "after the last saved one, so a loop passing 1-based epochs names its files one too "
+            "high and skips an epoch when it resumes.",
+            stacklevel=3,
+        )
 
-        Present for the Keras lifecycle's sake: a loop written against it keeps working when
-        saving becomes asynchronous (planned), where this will wait for the last write.
-        """
+    def on_train_end(self) -> None:
+        """End of training: every due checkpoint is committed already (saves are synchronous);
+        the directory is released, so another process may write to it."""
+        self._core.end()
 
     # -- restoring ----------------------------------------------------------------------------
 
@@ -252,9 +299,13 @@ class ModelCheckpoint(CheckpointAttributes):
         groups are all checked before anything is loaded.
         """
         path = os.fspath(path)
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, Mapping) or "model" not in payload:
-            raise ValueError(f"{path} is not a keras_ckpt.torch checkpoint (no 'model' entry)")
+        try:
+            payload = _load(path)
+        except _Unreadable as e:
+            raise ValueError(str(e)) from None
+        self._restore(path, payload)
+
+    def _restore(self, path: str, payload: Mapping[str, Any]) -> None:
         module = _plain_module(self.model)
         current = module.state_dict()
         self._check_keys(path, "model key", set(payload["model"]), set(current))
@@ -318,10 +369,44 @@ class ModelCheckpoint(CheckpointAttributes):
         host = _HostCopies()
         payload = _portable(payload, "checkpoint", host)
         host.wait()
-        _torch_save(payload, tx.open())
+        _torch_save(payload, tx.open(), path)
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+class _Unreadable(Exception):
+    """A file that is not a checkpoint this module wrote (the message says what it is)."""
+
+
+def _load(path: str) -> Mapping[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a keras_ckpt.torch checkpoint, onto the CPU.
+
+    Anything else raises :class:`_Unreadable`, whose message says what the file is instead of
+    torch's advice to retry with ``weights_only=False`` (which would run code from the file).
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as e:
+        if not zipfile.is_zipfile(path):
+            what = "not a file torch.save wrote"
+        elif not _has_record(path, "data.pkl"):
+            what = "a zip archive that is not torch.save's format (a .keras file?)"
+        elif isinstance(e, pickle.UnpicklingError):
+            what = ("a torch.save file holding objects other than tensors and plain Python "
+                    "values, which keras_ckpt never loads (that would run code from it)")
+        else:
+            what = "a damaged torch.save file"
+        raise _Unreadable(f"{path} is {what} ({type(e).__name__}).") from None
+    if not isinstance(payload, Mapping) or "model" not in payload:
+        raise _Unreadable(f"{path} is not a keras_ckpt.torch checkpoint (no 'model' entry).")
+    return payload
+
+
+def _has_record(path: str, name: str) -> bool:
+    with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as z:
+        return any(n.rsplit("/", 1)[-1] == name for n in z.namelist())
+    return False
 
 
 def _check_stateful(name: str, obj: Any) -> None:
@@ -434,33 +519,167 @@ def _refused(value: Any, where: str) -> TypeError:
     )
 
 
-def _torch_save(obj: Any, f: IO[bytes]) -> None:
-    """``torch.save(obj, f)``, minus the CRC-32 that torch's zip writer computes per record.
+def _torch_save(obj: Any, f: IO[bytes], path: str) -> None:
+    """``torch.save(obj, f)``'s format, written by :class:`_TorchZipWriter` (CRC-32s included).
 
-    That CRC takes about a third of the save time, and the engine already checksums the whole
-    file (xxh3-128, in the manifest). torch's own switch for it is process-global
-    (``torch.serialization.set_crc32_options``), so the writer is built here with its per-writer
-    argument instead. ``torch.load`` does not check the CRC, so these files load like any
-    others (strict zip tools, e.g. Python's ``zipfile``, would report a CRC mismatch). Where
-    torch lacks that argument or ``_save``, this is plain ``torch.save``.
+    torch's own writer (``torch._C.PyTorchFileWriter``) either computes each record's CRC-32
+    before writing it, on one core (a third of the save time), or, with ``compute_crc32=False``,
+    leaves zeros that strict zip tools reject; and when a write fails it throws again from its
+    destructor, which aborts the process. torch's pickling step (``torch.serialization._save``,
+    listed in ``keras_ckpt._compat``) writes into any object with ``write_record``, so the zip
+    container is written here instead. Without ``_save`` this is plain ``torch.save``. Errors
+    surface as ``OSError`` naming ``path`` (the checkpoint's final name).
     """
     out = storage.EarlyWriteback(f)
-    serialization = torch.serialization
-    save = getattr(serialization, "_save", None)
-    options: dict[str, Any] = {"compute_crc32": False}
-    alignment = getattr(serialization, "_get_storage_alignment", None)
-    if alignment is not None:
-        options["storage_alignment"] = alignment()
     try:
-        writer = torch._C.PyTorchFileWriter(out, **options)
-    except TypeError:
-        writer = None
-    if save is None or writer is None:
-        torch.save(obj, out)
-        return
-    save(obj, writer, pickle, serialization.DEFAULT_PROTOCOL, False)
-    writer.write_end_of_file()
-    out.flush()
+        if _compat.available(_compat.TORCH_SAVE):
+            save = _compat.resolve(_compat.TORCH_SAVE)
+            writer = _TorchZipWriter(out)
+            save(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+            writer.finish()
+        else:
+            _public_save(obj, out)
+        out.flush()
+    except OSError as e:
+        raise OSError(e.errno, f"writing the checkpoint failed: {e.strerror or e}", path) from e
+
+
+def _public_save(obj: Any, out: storage.EarlyWriteback) -> None:
+    """``torch.save``, with the first write error kept and raised once torch's writer is done.
+
+    torch's C++ writer aborts the process when a write fails twice (again from its destructor),
+    so after a failure the rest of its output is discarded instead of written.
+    """
+    failure: list[BaseException] = []
+
+    class Latch:
+        def write(self, data: Any) -> int:
+            if not failure:
+                try:
+                    out.write(data)
+                except BaseException as e:  # KeyboardInterrupt too: re-raised below
+                    failure.append(e)
+            return memoryview(data).nbytes
+
+        def flush(self) -> None:
+            pass
+
+    torch.save(obj, Latch())
+    if failure:
+        raise failure[0]
+
+
+_ZIP64_LIMIT = 0xFFFFFFFF
+_ZIP64_EXTRA_ID = 0x0001
+_ZIP_FLAGS = 0x0808  # sizes and CRC in a data descriptor after the data; UTF-8 names
+_LOCAL_HEADER = struct.Struct("<4sHHHHHLLLHH")
+_CENTRAL_HEADER = struct.Struct("<4sHHHHHHLLLHHHHHLL")
+_END_RECORD = struct.Struct("<4sHHHHLLH")
+_END_RECORD64 = struct.Struct("<4sQHHLLQQQQ")
+_END_LOCATOR64 = struct.Struct("<4sLQL")
+_CRC_ASIDE = 1 << 20  # records at least this large are CRC'd on another thread during the write
+_FORMAT_VERSION = b"3\n"  # what torch's writer records for torch.save files (the "version" record)
+
+
+class _TorchZipWriter:
+    """torch's zip container (what ``torch._C.PyTorchFileWriter`` writes), strictly front to back.
+
+    The records ``torch.serialization._save`` hands over (``write_record(name, data, size)``,
+    ``data`` a str/bytes or a CPU ``UntypedStorage``) go in as ``archive/<name>`` members,
+    stored, each one's data aligned as its ``.storage_alignment`` record says (torch pads the
+    local header's extra field with an ``FB`` block, as here; ``torch.load(mmap=True)`` maps
+    storages in place). A large record's CRC-32 is computed on another thread from the same
+    memory while the main thread writes it (``zlib.crc32`` releases the GIL), and goes in a
+    data descriptor after the data, so nothing is seeked back over and the engine hashes the
+    bytes as they stream. The result is a valid zip archive (``zipfile``'s ``testzip`` passes).
+    """
+
+    def __init__(self, out: storage.EarlyWriteback, archive: str = "archive") -> None:
+        self._out = out
+        self._prefix = archive + "/"
+        self._pos = 0
+        self._alignment = 64  # torch's default, until _save's .storage_alignment record says
+        self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, offset
+        self._total = 0
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._pos += self._out.write(data)
+
+    def write_record(self, name: str, data: Any, size: int) -> None:
+        """Add member ``name`` holding the first ``size`` bytes of ``data``."""
+        view = _record_bytes(data)[:size]
+        if name == ".storage_alignment":
+            self._alignment = int(bytes(view))
+        encoded = (self._prefix + name).encode("utf-8")
+        zip64 = size > _ZIP64_LIMIT
+        # A data-descriptor member's sizes are zero in its local header (as zipfile writes).
+        extra = struct.pack("<HHQQ", _ZIP64_EXTRA_ID, 16, 0, 0) if zip64 else b""
+        data_start = self._pos + _LOCAL_HEADER.size + len(encoded) + len(extra) + 4
+        pad = -data_start % self._alignment
+        extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
+        listed = 0xFFFFFFFF if zip64 else 0
+        offset = self._pos
+        self._emit(
+            _LOCAL_HEADER.pack(b"PK\x03\x04", 45 if zip64 else 20, _ZIP_FLAGS, 0, 0, 0, 0,
+                               listed, listed, len(encoded), len(extra))
+            + encoded
+            + extra
+        )
+        if size < _CRC_ASIDE:
+            crc = zlib.crc32(view)
+            self._emit(view)
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(zlib.crc32, view)
+                self._emit(view)
+                crc = future.result()
+        if zip64:
+            self._emit(struct.pack("<4sLQQ", b"PK\x07\x08", crc, size, size))
+        else:
+            self._emit(struct.pack("<4sLLL", b"PK\x07\x08", crc, size, size))
+        self._entries.append((encoded, crc, size, offset))
+        self._total += size
+
+    def finish(self) -> None:
+        """The records torch's writer adds at the end, then the central directory."""
+        self.write_record("version", _FORMAT_VERSION, len(_FORMAT_VERSION))
+        # 40 digits, as torch writes: an id for this file, then its total data size.
+        serial = f"{random.SystemRandom().getrandbits(63):020d}{self._total:020d}".encode()
+        self.write_record(".data/serialization_id", serial, len(serial))
+        start = self._pos
+        for name, crc, size, offset in self._entries:
+            fields = [size, size] if size > _ZIP64_LIMIT else []
+            if offset > _ZIP64_LIMIT:
+                fields.append(offset)
+            extra = struct.pack(f"<HH{len(fields)}Q", _ZIP64_EXTRA_ID, 8 * len(fields), *fields)
+            version = 45 if fields else 20
+            listed_size = 0xFFFFFFFF if size > _ZIP64_LIMIT else size
+            self._emit(
+                _CENTRAL_HEADER.pack(
+                    b"PK\x01\x02", version, version, _ZIP_FLAGS, 0, 0, 0, crc, listed_size,
+                    listed_size, len(name), len(extra) if fields else 0, 0, 0, 0, 0,
+                    0xFFFFFFFF if offset > _ZIP64_LIMIT else offset,
+                )
+                + name
+                + (extra if fields else b"")
+            )
+        count, cd_size = len(self._entries), self._pos - start
+        if count > 0xFFFF or start > _ZIP64_LIMIT or cd_size > _ZIP64_LIMIT:
+            record = self._pos
+            self._emit(_END_RECORD64.pack(b"PK\x06\x06", _END_RECORD64.size - 12, 45, 45, 0, 0,
+                                          count, count, cd_size, start))
+            self._emit(_END_LOCATOR64.pack(b"PK\x06\x07", 0, record, 1))
+            count, cd_size, start = 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF  # see the ZIP64 records
+        self._emit(_END_RECORD.pack(b"PK\x05\x06", 0, 0, count, count, cd_size, start, 0))
+
+
+def _record_bytes(data: Any) -> memoryview:
+    """A record's bytes, without a copy: ``_save`` passes strings and CPU storages."""
+    if isinstance(data, str):
+        return memoryview(data.encode("utf-8"))
+    if isinstance(data, torch.UntypedStorage):
+        return memoryview(torch.empty(0, dtype=torch.uint8).set_(data).numpy())
+    return memoryview(data).cast("B")
 
 
 def _check_tensors(path: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:

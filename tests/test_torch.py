@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -306,13 +307,14 @@ def test_bad_arguments_raise_value_error_naming_them(tmp_path, kwargs, match):
 
 
 def test_bad_filepaths_raise_value_error_naming_filepath(tmp_path):
-    with pytest.raises(ValueError, match=r"must end in `\.pt`.*filepath=.*c-\{epoch\}\.pth"):
-        ModelCheckpoint(str(tmp_path / "c-{epoch}.pth"), model=tiny())
+    with pytest.raises(ValueError, match=r"must end in `\.pt`, `\.pth` or `\.pth\.tar`.*"
+                       r"filepath=.*c-\{epoch\}\.ckpt"):
+        ModelCheckpoint(str(tmp_path / "c-{epoch}.ckpt"), model=tiny())
     with pytest.raises(ValueError, match=r"no \{epoch\} or \{batch\}.*filepath=.*m\.pt"):
         ModelCheckpoint(str(tmp_path / "m.pt"), model=tiny(), max_to_keep=3)
     with pytest.raises(ValueError, match=r"filepath=.*m\.pt"):
         ModelCheckpoint(str(tmp_path / "m.pt"), model=tiny(), keep_best=1)
-    with pytest.raises(ValueError, match=r"model must have state_dict\(\)"):
+    with pytest.raises(ValueError, match=r"model must be a torch\.nn\.Module.*Received: model=None"):
         ModelCheckpoint(str(tmp_path / "c-{epoch}.pt"), model=None)
 
 
@@ -500,3 +502,181 @@ def test_example_resumes_at_the_right_epoch(tmp_path):
     assert "continuing at epoch 3" in second.stdout
     epochs = [line for line in second.stdout.splitlines() if line.startswith("Epoch ")]
     assert len(epochs) == 1 and epochs[0].startswith("Epoch 3/3")
+
+
+# -- failures during a save -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """An 8 MB tmpfs (needs root); skipped where it cannot be mounted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_fails_the_save_with_an_os_error_and_the_process_lives_on(small_filesystem):
+    out = subprocess.run([sys.executable, os.path.join(torch_job.HERE, "torch_job.py"),
+                          "full-disk", str(small_filesystem)],
+                         capture_output=True, text=True, env=torch_job.child_env(), timeout=300)
+    # Before: torch's C++ writer threw from its destructor, SIGABRT (-6).
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"save failed: OSError: \[Errno 28\] .*No space left on device: '.*c-2\.pt'",
+                     out.stdout), out.stdout
+    assert "saved after the failure: ['c-1', 'c-3']" in out.stdout
+    assert not [n for n in os.listdir(small_filesystem) if n.startswith(TMP_PREFIX)]
+    assert kept_on_disk(small_filesystem) == {"c-1.pt", "c-3.pt"}
+    assert_manifest_consistent(small_filesystem)
+    payload = torch.load(small_filesystem / "c-1.pt", weights_only=True)
+    assert torch.equal(payload["extra"]["buffer"]["data"], torch.zeros(3 * 2**20 // 4))
+
+
+def test_ctrl_c_during_a_save_is_a_keyboard_interrupt_not_an_abort(tmp_path):
+    directory = tmp_path / "run"
+    chance = random.Random(1)
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, os.path.join(torch_job.HERE, "torch_job.py"),
+                                 "save-loop", str(directory)],
+                                stderr=subprocess.PIPE, env=torch_job.child_env())
+        deadline = time.monotonic() + 120
+        start = len(mf.load(str(directory)).checkpoints) if directory.exists() else 0
+        # Once it has committed a save of its own, the loop does nothing but save.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (directory / "checkpoints.json").exists():
+                records = mf.load(str(directory)).checkpoints
+                if records and records[-1].epoch > start:
+                    break
+            time.sleep(0.02)
+        time.sleep(chance.uniform(0.0, 0.2))
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        err = err.decode()
+        # Python re-raises an unhandled KeyboardInterrupt as SIGINT (-2); never SIGABRT (-6).
+        assert proc.returncode in (-signal.SIGINT, 1, 130), (proc.returncode, err[-3000:])
+        assert err.rstrip().endswith("KeyboardInterrupt"), err[-3000:]
+        assert not [n for n in os.listdir(directory) if n.startswith(TMP_PREFIX)]
+        assert_manifest_consistent(directory)
+
+
+# -- the file format ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["c-{epoch}.pt", "c-{epoch}.pth", "checkpoint-{epoch}.pth.tar"])
+def test_files_are_valid_zip_archives_that_torch_loads_in_every_way(tmp_path, name):
+    import zipfile
+
+    model = torch.nn.Sequential(torch.nn.Linear(600, 600), torch.nn.Linear(600, 3))
+    model[1].to(torch.bfloat16)
+    opt = torch.optim.Adam(model[0].parameters())
+    model[0](torch.ones(2, 600)).sum().backward()
+    opt.step()
+    ckpt = ModelCheckpoint(str(tmp_path / name), model=model, optimizer=opt)
+    ckpt.on_train_begin()
+    ckpt.on_epoch_end(0)
+    path = ckpt.latest_path
+    assert os.path.basename(path) == name.format(epoch=1)
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None  # every CRC-32 is right
+    for mmap in (False, True):  # mmap maps storages in place: their alignment must hold
+        payload = torch.load(path, weights_only=True, mmap=mmap)
+        for key, value in model.state_dict().items():
+            assert_same(payload["model"][key], value, key)
+        assert_same(payload["optimizer"]["state"], opt.state_dict()["state"], "optimizer")
+    again = ModelCheckpoint(str(tmp_path / name), model=torch.nn.Sequential(
+        torch.nn.Linear(600, 600), torch.nn.Linear(600, 3).to(torch.bfloat16)), resume=True)
+    assert again.on_train_begin() == 1
+    assert_same(again.model.state_dict(), model.state_dict(), "restored")
+
+
+@pytest.mark.parametrize("name", [
+    "ckpt-{epoch}.pt", "ckpt-{epoch}.pth",
+    "ckpt-{epoch}.pth.tar",
+])
+def test_record_names_drop_the_whole_extension(tmp_path, name):
+    ckpt = ModelCheckpoint(str(tmp_path / name), model=tiny())
+    ckpt.on_train_begin()
+    for epoch in range(3):
+        ckpt.on_epoch_end(epoch)
+    assert ckpt.checkpoints[-1].name == "ckpt-3"
+
+
+def assert_same(a, b, where: str) -> None:
+    torch_job.assert_same(a, b, where)
+
+
+# -- epoch numbering ------------------------------------------------------------------------------
+
+
+def test_one_based_epochs_warn_once(tmp_path):
+    ckpt = ModelCheckpoint(str(tmp_path / "c-{epoch}.pt"), model=tiny())
+    start = ckpt.on_train_begin()
+    with pytest.warns(UserWarning, match=r"on_epoch_end\(epoch=1\) where epoch=0 was expected.*"
+                      r"0-based.*one too high") as caught:
+        for epoch in range(start + 1, 4):  # the natural 1-based loop
+            ckpt.on_epoch_end(epoch)
+    assert len([w for w in caught if "was expected" in str(w.message)]) == 1
+
+    resumed = ModelCheckpoint(str(tmp_path / "c-{epoch}.pt"), model=tiny(), resume=True)
+    start = resumed.on_train_begin()
+    assert start == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(start, 6):  # the documented loop: no warning
+            resumed.on_epoch_end(epoch)
+    with pytest.warns(UserWarning, match=r"on_epoch_end\(epoch=7\) where epoch=6 was expected"):
+        resumed.on_epoch_end(7)
+
+
+# -- bad arguments (the front-end's own) ----------------------------------------------------------
+
+
+class NoLoad:
+    def state_dict(self):
+        return {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"strict": "no"}, r"strict must be True or False. Received: strict='no'"),
+        ({"model": torch.optim}, r"model must be a torch\.nn\.Module. Received: model=<module"),
+        ({"optimizer": NoLoad()}, r"optimizer must have state_dict\(\) and load_state_dict\(\)"),
+        ({"scheduler": 0.1}, r"Received: scheduler=0\.1"),
+        ({"extra": {"x": NoLoad()}}, r"Received: extra\['x'\]=<"),
+        ({"extra": {1: NoLoad()}}, r"extra's keys must be strings.*Received: extra key 1"),
+        ({"extra": "scaler"}, r"Received: extra='scaler'"),
+    ],
+)
+def test_bad_torch_arguments_fail_at_construction(tmp_path, kwargs, match):
+    kwargs = {"model": tiny(), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ModelCheckpoint(str(tmp_path / "c-{epoch}.pt"), **kwargs)
+
+
+def test_resume_from_a_file_of_another_format_names_resume_and_the_file(tmp_path):
+    import zipfile
+
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    keras_like = tmp_path / "model.pt"
+    with zipfile.ZipFile(keras_like, "w") as z:
+        z.writestr("config.json", "{}")
+        z.writestr("model.weights.h5", b"\x89HDF")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": {}, "thing": Counter()}, pickled)
+    for path, what in ((text, "not a file torch.save wrote"),
+                       (keras_like, "a zip archive that is not torch.save's format"),
+                       (pickled, "objects other than tensors")):
+        ckpt = ModelCheckpoint(str(tmp_path / "out" / "c-{epoch}.pt"), model=tiny(),
+                               resume=str(path))
+        with pytest.raises(ValueError, match=rf"resume=.*{path.name}.*{what}") as info:
+            ckpt.on_train_begin()
+        assert "weights_only=False" not in str(info.value)
+        assert info.value.__cause__ is None and info.value.__suppress_context__

@@ -3,6 +3,8 @@
     python tests/torch_job.py train DIR OUT --epochs 4 [--stop-after 2] [--resume] [--device cuda]
     python tests/torch_job.py crash-loop DIR     (saves every batch until killed)
     python tests/torch_job.py restore FILE OUT   (restores FILE into a CPU model, dumps it)
+    python tests/torch_job.py full-disk DIR      (DIR on a small filesystem: a save hits ENOSPC)
+    python tests/torch_job.py save-loop DIR      (saves ~50 MB every epoch until interrupted)
 
 Also importable: the GPU checks live here as plain functions so that benchmarks/gpu_check.py
 can run them on a machine without pytest.
@@ -243,6 +245,52 @@ def crash_loop(directory: str) -> None:
         epoch += 1
 
 
+class Buffer:
+    """An ``extra`` object whose state is one tensor of a chosen size."""
+
+    def __init__(self, megabytes: float) -> None:
+        self.data = torch.zeros(int(megabytes * 2**20) // 4)
+
+    def state_dict(self) -> dict:
+        return {"data": self.data}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data = state["data"]
+
+
+def full_disk(directory: str) -> None:
+    """``directory`` is on an 8 MB filesystem: a 3 MB save fits, a 6 MB one cannot.
+
+    The failed save must be an OSError naming the file, the process must live on, and a save
+    that fits afterwards must work: this prints what happened and exits 0.
+    """
+    buffer = Buffer(3)
+    ckpt = ModelCheckpoint(os.path.join(directory, "c-{epoch}.pt"), model=make_model(),
+                           extra={"buffer": buffer}, max_to_keep=None)
+    ckpt.on_train_begin()
+    ckpt.on_epoch_end(0)
+    buffer.data = torch.ones(6 * 2**20 // 4)
+    try:
+        ckpt.on_epoch_end(1)
+    except OSError as e:
+        print(f"save failed: {type(e).__name__}: {e}", flush=True)
+    else:
+        raise SystemExit("the 6 MB save did not fail on an 8 MB filesystem")
+    buffer.data = torch.full((2**20 // 4,), 2.0)
+    ckpt.on_epoch_end(2)
+    print("saved after the failure:", [r.name for r in ckpt.checkpoints], flush=True)
+
+
+def save_loop(directory: str) -> None:
+    """Save a ~50 MB checkpoint every epoch, forever; the test interrupts it with SIGINT."""
+    model = torch.nn.Linear(3000, 4000)
+    ckpt = ModelCheckpoint(os.path.join(directory, "c-{epoch}.pt"), model=model, max_to_keep=2)
+    epoch = ckpt.on_train_begin()
+    while True:
+        ckpt.on_epoch_end(epoch)
+        epoch += 1
+
+
 def restore_into_cpu_model(path: str, out: str) -> None:
     torch.load(path, weights_only=True)  # CUDA tensors were saved from host copies: no map_location
     model, opt, sched, _ = make_job("cpu")
@@ -266,6 +314,8 @@ def main() -> None:
     t.add_argument("--device", default="cpu")
     c = sub.add_parser("crash-loop")
     c.add_argument("directory")
+    sub.add_parser("full-disk").add_argument("directory")
+    sub.add_parser("save-loop").add_argument("directory")
     r = sub.add_parser("restore")
     r.add_argument("path")
     r.add_argument("out")
@@ -275,6 +325,10 @@ def main() -> None:
         torch.save(report, args.out)
     elif args.command == "crash-loop":
         crash_loop(args.directory)
+    elif args.command == "full-disk":
+        full_disk(args.directory)
+    elif args.command == "save-loop":
+        save_loop(args.directory)
     else:
         restore_into_cpu_model(args.path, args.out)
 
