@@ -8,11 +8,8 @@ transaction from the engine. The front-end only captures and restores framework 
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
-import re
-import string
 import time
 import warnings
 from collections.abc import Mapping
@@ -21,21 +18,17 @@ from typing import Any, Callable
 
 from keras_ckpt import manifest as mf
 from keras_ckpt import rng
+from keras_ckpt.config import CheckpointConfig, LogValues
 from keras_ckpt.engine import Engine, Transaction, locate
 from keras_ckpt.manifest import Record
 from keras_ckpt.policy import (
-    UNSET,
     RetentionPolicy,
-    SaveSchedule,
     resolve_mode,
-    resolve_preset,
     score,
     undecidable_mode,
-    validate_positive_number,
 )
 
 STATE_FORMAT = 1
-_TEMPLATE = re.compile(r"\{(epoch|batch)(?:[:!][^}]*)?\}")
 
 # Writes the payload: (transaction, rendered path, training state) -> None.
 PayloadWriter = Callable[[Transaction, str, dict], None]
@@ -55,189 +48,31 @@ def scalar_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-class _Fill(dict):
-    """Log values for rendering a name where the logs are not known: missing keys read as NaN."""
-
-    def __missing__(self, key: str) -> float:
-        return float("nan")
-
-
-_PLACEHOLDER_NAMES = ("epoch", "batch")
-
-
-def check_template(filepath: str) -> None:
-    """Render ``filepath`` once with stand-in values so a broken template fails at construction.
-
-    Catches bad format specs (``{epoch:zz}``), unbalanced braces, positional fields, and names
-    that are a typo of ``epoch``/``batch`` (``{epcoh}``); other names are log keys, known only
-    once training logs them.
-    """
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(filepath) if f is not None]
-    except ValueError as e:
-        raise ValueError(f"filepath is not a valid template ({e}). Received: filepath={filepath!r}") from None
-    for name in fields:
-        root = re.split(r"[.\[]", name, maxsplit=1)[0]
-        if not root or root.isdigit():
-            raise ValueError(
-                "filepath placeholders must be named ({epoch}, {batch} or a log key such as "
-                f"{{val_loss:.3f}}). Received: filepath={filepath!r}"
-            )
-        close = difflib.get_close_matches(root, _PLACEHOLDER_NAMES, n=1, cutoff=0.6)
-        if root not in _PLACEHOLDER_NAMES and close and not root.startswith(("val_", "loss")):
-            raise ValueError(
-                f"filepath has a placeholder {{{root}}}: did you mean {{{close[0]}}}? "
-                f"Received: filepath={filepath!r}"
-            )
-    try:
-        filepath.format_map(_Fill(epoch=1, batch=1))
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        raise ValueError(f"filepath cannot be rendered ({e}). Received: filepath={filepath!r}") from None
-
-
-def check_resume_path(resume: str) -> None:
-    """``resume=<path>`` must exist and hold something to restore; ValueError naming it else."""
-    if not os.path.exists(resume):
-        raise ValueError(
-            f"resume must be True, False or an existing checkpoint file or directory; this path "
-            f"does not exist. Received: resume={resume!r}"
-        )
-    if os.path.isdir(resume):
-        try:
-            m = mf.load(resume)
-        except mf.ManifestError as e:
-            raise ValueError(f"resume={resume!r}: {e}") from e
-        if not m.checkpoints:
-            raise ValueError(
-                f"resume={resume!r} is a directory without keras_ckpt checkpoints (no records in "
-                f"{mf.FILENAME}); pass the path of a checkpoint file to restore from it."
-            )
-    elif not os.path.isfile(resume):
-        raise ValueError(f"resume must name a regular file or a directory. Received: resume={resume!r}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool) and value not in (0, 1):
-        raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")
-
-
 class Checkpointer:
     """Framework-neutral core of a ``ModelCheckpoint``.
 
     Args:
-        filepath: file name template (``{epoch}``, ``{batch}`` and log keys, as Keras).
+        config: the validated public arguments.
         framework: recorded in the manifest's series.
-        owner: the front-end's class name, used in Keras's warning texts.
         print_fn: where verbose messages go.
-        The remaining arguments are the public ``ModelCheckpoint`` ones (see DESIGN.md).
     """
 
     def __init__(
-        self,
-        filepath: str,
-        *,
-        framework: str,
-        owner: str = "ModelCheckpoint",
-        monitor: str = "val_loss",
-        verbose: int = 0,
-        save_best_only: bool = False,
-        save_freq: str | int = "epoch",
-        mode: str = "auto",
-        initial_value_threshold: float | None = None,
-        max_to_keep: Any = UNSET,
-        keep_best: Any = UNSET,
-        keep_every_n_epochs: Any = UNSET,
-        keep_every_n_hours: Any = UNSET,
-        save_every_n_seconds: Any = UNSET,
-        resume: bool | str | os.PathLike = False,
-        preset: str | None = None,
-        print_fn: Callable[[str], None] = print,
+        self, config: CheckpointConfig, *, framework: str, print_fn: Callable[[str], None] = print
     ) -> None:
-        if not isinstance(filepath, (str, os.PathLike)):
-            raise TypeError(f"filepath must be a str or os.PathLike. Received: filepath={filepath!r}")
-        self.filepath = os.fspath(filepath)
-        if not isinstance(self.filepath, str) or not self.filepath:
-            raise TypeError(f"filepath must be a non-empty str path. Received: filepath={filepath!r}")
-        check_template(self.filepath)
-        if not isinstance(monitor, str) or not monitor:
-            raise TypeError(f"monitor must be a non-empty string. Received: monitor={monitor!r}")
-        if isinstance(verbose, bool) or not isinstance(verbose, int) or verbose < 0:
-            raise TypeError(f"verbose must be an integer >= 0 (0, 1 or 2). Received: verbose={verbose!r}")
-        _check_bool("save_best_only", save_best_only)
-        self.monitor = monitor
-        self.verbose = verbose
-        self.save_best_only = bool(save_best_only)
+        self.config = config
+        self.filepath = config.filepath
+        self.monitor = config.monitor
+        self.verbose = config.verbose
+        self.save_best_only = config.save_best_only
+        self.mode = config.mode
+        self.save_freq = config.save_freq
+        self.resume = config.resume
+        self.schedule = config.schedule
         self.print_fn = print_fn
-        if mode not in ("auto", "min", "max"):
-            warnings.warn(f"{owner} mode '{mode}' is unknown, fallback to auto mode.", stacklevel=3)
-            mode = "auto"
-        self.mode = mode
-        if save_freq != "epoch" and (
-            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq <= 0
-        ):
-            raise ValueError(
-                "save_freq must be 'epoch' or an integer > 0 (a number of batches). "
-                f"Received: save_freq={save_freq!r}"
-            )
-        self.save_freq = save_freq
-        if initial_value_threshold is not None:
-            try:
-                initial_value_threshold = float(initial_value_threshold)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    "initial_value_threshold must be a number or None. "
-                    f"Received: initial_value_threshold={initial_value_threshold!r}"
-                ) from None
-        if not isinstance(resume, (bool, str, os.PathLike)):
-            raise ValueError(
-                "resume must be True, False or a path to a checkpoint file or directory. "
-                f"Received: resume={resume!r}"
-            )
-        if not isinstance(resume, bool):
-            resume = os.fspath(resume)
-            check_resume_path(resume)
-        self.resume = resume
-        opts = resolve_preset(
-            preset,
-            {
-                "max_to_keep": max_to_keep,
-                "keep_best": keep_best,
-                "keep_every_n_epochs": keep_every_n_epochs,
-                "keep_every_n_hours": keep_every_n_hours,
-                "save_every_n_seconds": save_every_n_seconds,
-            },
-        )
-        validate_positive_number("save_every_n_seconds", opts["save_every_n_seconds"])
-        policy = RetentionPolicy(
-            max_to_keep=opts["max_to_keep"],
-            keep_best=opts["keep_best"],
-            keep_every_n_epochs=opts["keep_every_n_epochs"],
-            keep_every_n_hours=opts["keep_every_n_hours"],
-            monitor=monitor,
-            mode=resolve_mode(mode, monitor) or "min",
-        )
-        directory, base = os.path.split(self.filepath)
-        if "{" in directory:
-            raise ValueError(
-                "filepath may use placeholders in its file name only, not in its directory. "
-                f"Received: filepath={self.filepath!r}"
-            )
-        rotates = (policy.max_to_keep is not None and policy.max_to_keep > 1) or policy.keep_best > 0
-        if rotates and not _TEMPLATE.search(base):
-            raise ValueError(
-                "filepath names a single file (no {epoch} or {batch} placeholder), so it cannot "
-                f"hold max_to_keep={policy.max_to_keep} / keep_best={policy.keep_best} "
-                f"checkpoints. Add '{{epoch:03d}}' to the name. Received: filepath={self.filepath!r}"
-            )
-        self.schedule = SaveSchedule(
-            every_n_epochs=opts["save_every_n_epochs"] if save_freq == "epoch" else None,
-            every_n_batches=save_freq if save_freq != "epoch" else None,
-            every_n_seconds=opts["save_every_n_seconds"],
-            # The "long" preset checks the clock at epoch ends only; an explicit argument is per batch.
-            seconds_at_batch=save_every_n_seconds is not UNSET,
-        )
         self.engine = Engine(
-            self.filepath, framework=framework, policy=policy, initial_best=initial_value_threshold
+            self.filepath, framework=framework, policy=config.policy,
+            initial_best=config.initial_value_threshold,
         )
         self.restored_path: str | None = None
         self._import: tuple[str, Record | None] | None = None
@@ -384,7 +219,7 @@ class Checkpointer:
         batch = state.get("batch")
         epoch = max(self.epochs_done - (1 if batch is None else 0), 0)
         dest = os.path.join(self.engine.directory, os.path.basename(
-            self.render(epoch, batch, _Fill(metrics))
+            self.render(epoch, batch, LogValues(metrics))
         ))
         if os.path.splitext(dest)[1] != os.path.splitext(source)[1]:
             return  # another format than this series writes: nothing to carry over
@@ -498,7 +333,7 @@ class Checkpointer:
         ``<name>.step<step><ext>``. Single-file names (no placeholder) are replaced, as users of
         ``best.keras`` / ``last.pt`` expect.
         """
-        if "{" not in os.path.basename(self.filepath):
+        if self.config.single_file:
             return path
         stem = mf.checkpoint_name(path)
         existing = self.engine.record_named(stem)

@@ -14,6 +14,7 @@ import numpy as np
 
 from keras_ckpt import _compat, _kerasio
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
+from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
 
@@ -87,11 +88,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         resume: bool | str | os.PathLike = False,
         preset: str | None = None,
     ) -> None:
-        if not isinstance(filepath, (str, os.PathLike)):
-            # Keras's base class would fail first, on ``filepath.endswith``.
-            raise TypeError(
-                f"filepath must be a str or os.PathLike. Received: filepath={filepath!r}"
-            )
+        filepath = check_filepath(filepath)  # Keras's base class would fail on ``filepath.endswith``
         # Before Keras's base class: it takes any truthy value as True and then blames filepath.
         save_weights_only = _flag("save_weights_only", save_weights_only)
         save_optimizer = _flag("save_optimizer", save_optimizer)
@@ -113,25 +110,9 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 f"a `.keras` filepath to save the whole model. Received: filepath={self.filepath}"
             )
         self.save_optimizer = save_optimizer
-        self._core = Checkpointer(
-            self.filepath,
-            framework="keras",
-            owner=type(self).__name__,
-            monitor=monitor,
-            verbose=verbose,
-            save_best_only=save_best_only,
-            save_freq=save_freq,
-            mode=self.mode,  # Keras already warned about an unknown mode and fell back to auto
-            initial_value_threshold=initial_value_threshold,
-            max_to_keep=max_to_keep,
-            keep_best=keep_best,
-            keep_every_n_epochs=keep_every_n_epochs,
-            keep_every_n_hours=keep_every_n_hours,
-            save_every_n_seconds=save_every_n_seconds,
-            resume=resume,
-            preset=preset,
-            print_fn=_print_msg,
-        )
+        # Keras's base class already warned about an unknown mode and fell back to "auto".
+        config = CheckpointConfig.from_arguments(locals(), mode=self.mode, owner=type(self).__name__)
+        self._core = Checkpointer(config, framework="keras", print_fn=_print_msg)
         self._resume_pending = resume is not False
         if not self._core.needs_batch_events:
             # Without a batch hook Keras may dispatch batch callbacks asynchronously, so steps

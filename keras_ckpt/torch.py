@@ -36,6 +36,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from keras_ckpt import _compat, storage
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
+from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
 
@@ -150,8 +151,8 @@ class ModelCheckpoint(CheckpointAttributes):
         preset: str | None = None,
         strict: bool = True,
     ) -> None:
-        path = os.fspath(filepath) if isinstance(filepath, (str, os.PathLike)) else filepath
-        if isinstance(path, str) and not path.endswith(_EXTENSIONS):
+        path = check_filepath(filepath)
+        if not path.endswith(_EXTENSIONS):
             raise ValueError(
                 "The filepath provided must end in `.pt`, `.pth` or `.pth.tar` (torch.save "
                 f"format). Received: filepath={path!r}"
@@ -177,21 +178,7 @@ class ModelCheckpoint(CheckpointAttributes):
         if not isinstance(strict, bool):
             raise ValueError(f"strict must be True or False. Received: strict={strict!r}")
         self._core = Checkpointer(
-            path,
-            framework="torch",
-            monitor=monitor,
-            verbose=verbose,
-            save_best_only=save_best_only,
-            save_freq=save_freq,
-            mode=mode,
-            initial_value_threshold=initial_value_threshold,
-            max_to_keep=max_to_keep,
-            keep_best=keep_best,
-            keep_every_n_epochs=keep_every_n_epochs,
-            keep_every_n_hours=keep_every_n_hours,
-            save_every_n_seconds=save_every_n_seconds,
-            resume=resume,
-            preset=preset,
+            CheckpointConfig.from_arguments(locals(), filepath=path), framework="torch"
         )
         self.filepath = path
         self.model = model

@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from keras_ckpt.checkpointer import Checkpointer
+from keras_ckpt.checkpointer import Checkpointer as _Checkpointer
+from keras_ckpt.config import CheckpointConfig
+
+
+def Checkpointer(filepath, *, framework, **arguments):  # noqa: N802 -- reads as the class it builds
+    """The front-ends' construction: validated arguments, then the lifecycle."""
+    return _Checkpointer(CheckpointConfig(filepath, **arguments), framework=framework)
 
 
 def write_epoch(tag):

@@ -15,9 +15,15 @@ import pytest
 from keras_ckpt import cli
 from keras_ckpt import engine as engine_mod
 from keras_ckpt import manifest as mf
-from keras_ckpt.checkpointer import Checkpointer
+from keras_ckpt.checkpointer import Checkpointer as _Checkpointer
+from keras_ckpt.config import CheckpointConfig
 from keras_ckpt.engine import Engine
 from keras_ckpt.policy import RetentionPolicy
+
+
+def Checkpointer(filepath, *, framework, **arguments):  # noqa: N802 -- reads as the class it builds
+    """The front-ends' construction: validated arguments, then the lifecycle."""
+    return _Checkpointer(CheckpointConfig(filepath, **arguments), framework=framework)
 
 
 def payload(tag):
