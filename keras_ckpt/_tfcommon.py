@@ -14,7 +14,6 @@ Keras.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import warnings
@@ -128,7 +127,7 @@ def _prefix_files(names: Sequence[str], base: str) -> list[str] | None:
 def _staged_files(staged_prefix: str) -> list[str]:
     """The files a TF writer produced for ``staged_prefix``: ``.index`` first (the record's main file)."""
     directory, base = os.path.split(staged_prefix)
-    names = os.listdir(directory)
+    names = storage.LocalStorage(directory).list()
     files = _prefix_files(names, base)
     if files is None:
         raise RuntimeError(f"the TF writer produced no complete {base} checkpoint in {directory}")
@@ -298,7 +297,7 @@ class PrefixSeries:
         """
         if self.engine.records:
             return []
-        names = os.listdir(self.directory)
+        names = self.engine.store.list()
         listed = {f.path for r in mf.load(self.directory).checkpoints for f in r.files}
         pattern = re.compile(re.escape(self.basename) + r"-(\d+)\.index")
         found: dict[str, tuple[int, list[str]]] = {}
@@ -376,10 +375,9 @@ class PrefixSeries:
         name = f"{self.basename}-{number}"
         main = os.path.join(self.directory, name + ".index")
         # Step-based TF saves have no epochs: epoch 0, step = the global step.
-        with self.engine.transaction(
-            main, epoch=0, step=step, metrics=metrics, pending=pending,
-            on_commit=lambda record: self.point_state_file(record.name),
-        ) as tx:
+        with self.engine.transaction(main, epoch=0, step=step, metrics=metrics, pending=pending) as tx:
+            # TF's state file names the new checkpoint in the same commit as the manifest.
+            tx.side_file(STATE_FILE, lambda state: self._state_bytes(name, state))
             staged = os.path.join(tx.staging_dir(), name)
             write(staged)
             for file_name in _staged_files(staged):
@@ -398,7 +396,12 @@ class PrefixSeries:
         written, so a stock ``tf.train.CheckpointManager`` opened here later does not take them
         over either; the series' every-N-hours anchor is (TF's ``last_preserved_timestamp``).
         """
-        anchor = self.engine.state.extra.get(LAST_PRESERVED)
+        data = self._state_bytes(name, self.engine.state)
+        if self._read_state_file() != data.decode():
+            self.engine.store.write_atomic(STATE_FILE, data)
+
+    def _state_bytes(self, name: str, state: mf.SeriesState) -> bytes:
+        anchor = state.extra.get(LAST_PRESERVED)
         proto = tf.compat.v1.train.generate_checkpoint_state_proto(
             self.directory,
             name,
@@ -407,14 +410,14 @@ class PrefixSeries:
         )
         text = text_format.MessageToString(proto)
         self._state_text = text
-        if self._read_state_file() != text:
-            storage.atomic_write_bytes(os.path.join(self.directory, STATE_FILE), text.encode())
+        return text.encode()
 
     def _read_state_file(self) -> str | None:
-        with contextlib.suppress(FileNotFoundError):
-            with open(os.path.join(self.directory, STATE_FILE), encoding="utf-8") as f:
-                return f.read()
-        return None
+        try:
+            data = self.engine.store.read(STATE_FILE, 1 << 20)
+        except ValueError:  # not a regular file, or absurdly large: not TF's
+            return None
+        return None if data is None else data.decode("utf-8", "replace")
 
     def _state_names_ours(self) -> bool:
         state = tf.train.get_checkpoint_state(self.directory)
@@ -434,7 +437,7 @@ class PrefixSeries:
         listed = {f.path for r in mf.load(self.directory).checkpoints for f in r.files}
         foreign = sorted(
             n[: -len(".index")]
-            for n in os.listdir(self.directory)
+            for n in self.engine.store.list()
             if n.endswith(".index") and n not in listed and not n.startswith(storage.TMP_PREFIX)
         )
         state = self._read_state_file()

@@ -57,17 +57,16 @@ class Transaction:
         step: int,
         metrics: Mapping[str, Any] | None,
         pending: bool,
-        on_commit: Callable[[Record], None] | None = None,
     ) -> None:
         self._engine = engine
         self._store = engine.store
-        self._on_commit = on_commit
         self.path = os.path.abspath(final_path)
         self.name = mf.checkpoint_name(self.path)
         self._epoch, self._step, self._metrics, self._pending = epoch, step, metrics, pending
         # (temp name, final name, hashing writer or None, raw file or None), in creation order
         self._files: list[tuple[str, str, storage.HashingWriter | None, IO[bytes] | None]] = []
-        self._side: list[tuple[str, str]] = []  # (temp name, final name): committed, not listed
+        self._side: list[tuple[str, Callable[[SeriesState], bytes]]] = []  # committed, not listed
+        self._side_temps: list[str] = []
         self._dirs: list[str] = []
         self._handed_over = False
         self.record: Record | None = None
@@ -82,8 +81,7 @@ class Transaction:
     def open(self, path: str | None = None) -> storage.HashingWriter:
         """A binary file object for ``path`` (default: the checkpoint's own path), hashed as it streams."""
         final = self._final(path)
-        tmp = self._store.new_temp(final)
-        raw = open(self._store.path(tmp), "r+b")  # noqa: SIM115 -- closed at commit or exit
+        tmp, raw = self._store.open_temp(final)  # closed at commit or exit
         writer = storage.HashingWriter(raw)
         self._files.append((tmp, final, writer, raw))
         return writer
@@ -105,15 +103,14 @@ class Transaction:
         """Commit ``staged_path`` (written by the caller, e.g. in :meth:`staging_dir`) as ``path``."""
         self._files.append((self._store.name_of(staged_path), self._final(path), None, None))
 
-    def side_file(self, path: str, data: bytes) -> None:
-        """Commit ``data`` as ``path`` together with the checkpoint, unlisted (TF's ``checkpoint``)."""
-        final = self._final(path)
-        tmp = self._store.new_temp(final)
-        with open(self._store.path(tmp), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self._side.append((tmp, final))
+    def side_file(self, path: str, content: Callable[[SeriesState], bytes]) -> None:
+        """Commit a file together with the checkpoint, unlisted (TF's ``checkpoint`` state file).
+
+        ``content(state)`` is asked for the bytes once retention has decided, with the series
+        state the commit makes durable, and is written before the intent: the file changes in
+        the same commit as the manifest, or not at all.
+        """
+        self._side.append((self._final(path), content))
 
     def __enter__(self) -> Transaction:
         return self
@@ -131,7 +128,7 @@ class Transaction:
                     raw.close()
             if not self._handed_over:  # once the intent is durable, the engine owns the temporaries
                 staged = [tmp for tmp, _, _, _ in self._files if "/" not in tmp]  # the rest: in _dirs
-                for tmp in [*staged, *(t for t, _ in self._side), *self._dirs]:
+                for tmp in [*staged, *self._side_temps, *self._dirs]:
                     self._remove(tmp)
 
     def _remove(self, name: str) -> None:
@@ -147,8 +144,7 @@ class Transaction:
         for tmp, final, writer, raw in self._files:
             try:
                 if raw is not None:
-                    raw.flush()
-                    os.fsync(raw.fileno())
+                    self._store.finish(raw)
                     raw.close()
                 digest = writer.digest() if writer is not None else None
                 if digest is None:
@@ -164,7 +160,7 @@ class Transaction:
             except OSError as e:
                 raise _named(e, self._engine.directory, final) from e
             entries.append(FileEntry(final, size, digest))
-        moves = tuple((tmp, final) for tmp, final, _, _ in self._files) + tuple(self._side)
+        moves = tuple((tmp, final) for tmp, final, _, _ in self._files)
         self.record, self.deleted = self._engine._commit(
             name=self.name,
             epoch=self._epoch,
@@ -173,9 +169,20 @@ class Transaction:
             pending=self._pending,
             files=tuple(entries),
             moves=moves,
-            on_commit=self._on_commit,
+            side=self._write_side_files,
             handed_over=self._hand_over,
         )
+
+    def _write_side_files(self, state: SeriesState) -> tuple[tuple[str, str], ...]:
+        moves = []
+        for final, content in self._side:
+            try:
+                tmp = self._store.write_temp(final, content(state))
+            except OSError as e:
+                raise _named(e, self._engine.directory, final) from e
+            self._side_temps.append(tmp)
+            moves.append((tmp, final))
+        return tuple(moves)
 
     def _hand_over(self) -> None:
         self._handed_over = True
@@ -399,16 +406,9 @@ class Engine:
         step: int,
         metrics: Mapping[str, Any] | None = None,
         pending: bool = False,
-        on_commit: Callable[[Record], None] | None = None,
     ) -> Transaction:
-        """Begin writing the checkpoint whose main file is ``path`` (inside this directory).
-
-        ``on_commit(record)`` runs once the manifest lists the new checkpoint and before
-        retention deletes anything.
-        """
-        return Transaction(
-            self, path, epoch=epoch, step=step, metrics=metrics, pending=pending, on_commit=on_commit
-        )
+        """Begin writing the checkpoint whose main file is ``path`` (inside this directory)."""
+        return Transaction(self, path, epoch=epoch, step=step, metrics=metrics, pending=pending)
 
     def _require_writer(self) -> None:
         if not self._writing:
@@ -424,7 +424,7 @@ class Engine:
         pending: bool,
         files: tuple[FileEntry, ...],
         moves: tuple[tuple[str, str], ...],
-        on_commit: Callable[[Record], None] | None,
+        side: Callable[[SeriesState], tuple[tuple[str, str], ...]],
         handed_over: Callable[[], None],
     ) -> tuple[Record, list[Record]]:
         self._require_writer()
@@ -440,6 +440,7 @@ class Engine:
             replaced = next((r for r in m.records(self.series) if r.name == name), None)
             state.baseline = self._baseline_after_replacing(replaced, state)
             kept, dropped = self._retain([*series, record], state)
+            moves = moves + side(state)
             intent = Intent(
                 series=self.series, record=record, state=state, moves=moves,
                 drop=tuple(r.name for r in dropped), writer=storage.writer_identity(),
@@ -465,8 +466,6 @@ class Engine:
                 ) from e
             self._load(after)
             committed = self.record_named(name) or record
-            if on_commit is not None:
-                on_commit(committed)
             self._delete(gone)
         return committed, dropped
 

@@ -756,6 +756,25 @@ class LocalStorage:
         self.path(final_name)
         return self.name_of(temp_path(self.directory, final_name))
 
+    def open_temp(self, final_name: str) -> tuple[str, IO[bytes]]:
+        """A new temporary for ``final_name``, open for writing (and reading back: h5py)."""
+        name = self.new_temp(final_name)
+        return name, open(self.path(name), "r+b")  # noqa: SIM115 -- the caller closes it
+
+    def write_temp(self, final_name: str, data: bytes) -> str:
+        """A new temporary for ``final_name`` holding ``data``, durable; returns its name."""
+        name, f = self.open_temp(final_name)
+        with f:
+            f.write(data)
+            self.finish(f)
+        return name
+
+    @staticmethod
+    def finish(f: IO[bytes]) -> None:
+        """Make what was written to ``f`` durable (the rename that publishes it comes later)."""
+        f.flush()
+        os.fsync(f.fileno())
+
     def new_staging_dir(self) -> str:
         return self.name_of(temp_dir(self.directory))
 
