@@ -21,6 +21,7 @@ import torch_job  # noqa: E402
 
 from keras_ckpt import engine  # noqa: E402
 from keras_ckpt import manifest as mf  # noqa: E402
+from keras_ckpt.policy import RetentionPolicy  # noqa: E402
 from keras_ckpt.storage import TMP_PREFIX  # noqa: E402
 from keras_ckpt.torch import ModelCheckpoint  # noqa: E402
 
@@ -345,13 +346,15 @@ def assert_manifest_consistent(directory) -> None:
     torch.load(os.path.join(directory, records[-1].path), weights_only=True)
 
 
-def test_sigkill_at_random_instants_leaves_a_consistent_directory(tmp_path):
+@pytest.mark.parametrize("series", ["rotating", "single"])
+def test_sigkill_at_random_instants_leaves_a_consistent_directory(tmp_path, series):
     directory = tmp_path / "run"
     job = [sys.executable, os.path.join(torch_job.HERE, "torch_job.py"), "crash-loop",
-           str(directory)]
-    chance = random.Random(0)
+           str(directory), series]
+    template = torch_job.CRASH_TEMPLATES[series]
+    chance = random.Random(series)
     committed = 0
-    for _ in range(3):
+    for _ in range(4):
         proc = subprocess.Popen(job, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env=torch_job.child_env())
         deadline = time.monotonic() + 60
@@ -366,17 +369,26 @@ def test_sigkill_at_random_instants_leaves_a_consistent_directory(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
+        # The next start finishes what the kill interrupted, and leaves only listed files.
+        e = engine.Engine(str(directory / template), framework="torch",
+                          policy=RetentionPolicy(monitor="loss"))
+        e.open()
+        e.close()
         assert_manifest_consistent(directory)
-        committed = mf.load(str(directory)).checkpoints[-1].step
-    # The next start sweeps the killed writers' temporaries and resumes from the newest.
-    leftovers = [n for n in os.listdir(directory) if n.startswith(TMP_PREFIX)]
-    ckpt = ModelCheckpoint(str(directory / "ckpt-{epoch:03d}-{batch:03d}.pt"),
+        m = mf.load(str(directory))
+        on_disk = set(os.listdir(directory)) - {"checkpoints.json", ".checkpoints.lock"}
+        assert on_disk == m.listed_files()
+        assert max(r.step for r in m.checkpoints) >= committed
+        committed = max(r.step for r in m.checkpoints)
+    ckpt = ModelCheckpoint(str(directory / template),
                            model=torch.nn.Sequential(torch.nn.Linear(512, 1024),
                                                      torch.nn.Linear(1024, 512)),
-                           monitor="loss", save_freq=1, max_to_keep=2, keep_best=1, resume=True)
+                           monitor="loss", save_freq=1, max_to_keep=2 if series == "rotating" else None,
+                           keep_best=int(series == "rotating"), resume=True)
     ckpt.on_train_begin()
-    assert not [n for n in os.listdir(directory) if n.startswith(TMP_PREFIX)], leftovers
     assert ckpt.restored_path == ckpt.latest_path
+    assert torch.load(ckpt.restored_path, weights_only=True)["training_state"]["step"] == committed
+    ckpt.on_train_end()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

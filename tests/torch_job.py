@@ -225,14 +225,21 @@ GPU_CHECKS = (check_cuda_save_restores_on_cpu_and_cuda, check_cuda_exact_resume)
 # -- process entry points ---------------------------------------------------------------------
 
 
-def crash_loop(directory: str) -> None:
-    """Save every batch (a few MB each) until killed; the test SIGKILLs it at random instants."""
+CRASH_TEMPLATES = {"rotating": "ckpt-{epoch:03d}-{batch:03d}.pt", "single": "last.pt"}
+
+
+def crash_loop(directory: str, series: str = "rotating") -> None:
+    """Save every batch (a few MB each) until killed; the test SIGKILLs it at random instants.
+
+    ``series``: "rotating" (latest 2 + best 1 of many names) or "single" (one file overwritten).
+    """
     seed_everything(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.Linear(1024, 512))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    ckpt = ModelCheckpoint(os.path.join(directory, "ckpt-{epoch:03d}-{batch:03d}.pt"),
+    rotating = series == "rotating"
+    ckpt = ModelCheckpoint(os.path.join(directory, CRASH_TEMPLATES[series]),
                            model=model, optimizer=opt, monitor="loss", save_freq=1,
-                           max_to_keep=2, keep_best=1, resume=True)
+                           max_to_keep=2 if rotating else None, keep_best=int(rotating), resume=True)
     epoch = ckpt.on_train_begin()
     while True:
         for batch in range(ckpt.start_batch, 20):
@@ -314,6 +321,7 @@ def main() -> None:
     t.add_argument("--device", default="cpu")
     c = sub.add_parser("crash-loop")
     c.add_argument("directory")
+    c.add_argument("series", nargs="?", default="rotating", choices=sorted(CRASH_TEMPLATES))
     sub.add_parser("full-disk").add_argument("directory")
     sub.add_parser("save-loop").add_argument("directory")
     r = sub.add_parser("restore")
@@ -324,7 +332,7 @@ def main() -> None:
         report = train(args.directory, args.epochs, args.stop_after, args.resume, args.device)
         torch.save(report, args.out)
     elif args.command == "crash-loop":
-        crash_loop(args.directory)
+        crash_loop(args.directory, args.series)
     elif args.command == "full-disk":
         full_disk(args.directory)
     elif args.command == "save-loop":
