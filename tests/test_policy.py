@@ -24,6 +24,7 @@ from keras_ckpt.policy import (
     ranked,
     resolve_mode,
     resolve_preset,
+    undecidable_mode,
 )
 
 
@@ -292,3 +293,117 @@ def test_retain_with_run_keeps_only_the_current_runs_best():
             RR("n2", metrics={"m": 0.6}, seq=3, run=2), RR("n3", metrics={"m": 0.7}, seq=4, run=2)]
     keep = RetentionPolicy(max_to_keep=1, keep_best=1, monitor="m").retain(recs, run=2)
     assert keep == {"n1": ("best",), "n3": ("latest",)}
+
+
+# -- boundaries and messages (each test kills mutants that `mutmut run` showed surviving) ---------
+
+
+def test_unset_shows_as_unset_in_signatures_and_is_falsy():
+    assert repr(UNSET) == "UNSET"  # what help(ModelCheckpoint) prints for an argument not passed
+    assert not UNSET and type(UNSET)() is UNSET
+
+
+@pytest.mark.parametrize("monitor, mode", [
+    ("loss", "min"), ("val_loss", "min"), ("mse", "min"), ("val_mse", "min"), ("mae", "min"),
+    ("mape", "min"), ("msle", "min"), ("val_error", "min"), (None, "min"),
+    ("acc", "max"), ("val_accuracy", "max"), ("auc", "max"), ("val_auc", "max"), ("precision", "max"),
+    ("val_recall", "max"), ("fmeasure", "max"), ("val_fmeasure_1", "max"),
+    ("val_custom", None), ("val_", None), ("mse_scaled", None),
+])
+def test_mode_auto_reads_the_direction_from_keras_metric_names(monitor, mode):
+    assert resolve_mode("auto", monitor) == mode
+
+
+def test_explicit_modes_win_over_the_metric_name():
+    assert resolve_mode("max", "val_loss") == "max" and resolve_mode("min", "val_accuracy") == "min"
+    assert resolve_mode("sideways", "val_loss") == "min"  # an unknown mode means auto, as in Keras
+
+
+def test_undecidable_mode_tells_the_user_what_to_pass():
+    assert str(undecidable_mode("val_custom")) == (
+        "mode='auto' cannot tell whether monitor='val_custom' should be minimized or maximized. "
+        "Pass mode='min' or mode='max'. Received: mode='auto'"
+    )
+
+
+@pytest.mark.parametrize("value, best, mode, improved", [
+    (0.4, 0.5, "min", True), (0.6, 0.5, "min", False), (0.5, 0.5, "min", False),
+    (0.6, 0.5, "max", True), (0.4, 0.5, "max", False), (0.5, 0.5, "max", False),
+    (None, 0.5, "min", False), (-math.inf, 0.5, "min", True), (math.inf, None, "max", True),
+])
+def test_improvement_is_strict_in_both_directions(value, best, mode, improved):
+    assert is_improvement(value, best, mode) is improved
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_to_keep": -1}, "max_to_keep must be an integer >= 0 or None. Received: max_to_keep=-1"),
+    ({"max_to_keep": True}, "max_to_keep must be an integer >= 0 or None. Received: max_to_keep=True"),
+    ({"keep_best": None}, "keep_best must be an integer >= 0. Received: keep_best=None"),
+    ({"keep_best": 1.0}, "keep_best must be an integer >= 0. Received: keep_best=1.0"),
+    ({"keep_every_n_epochs": 0},
+     "keep_every_n_epochs must be an integer >= 1 or None. Received: keep_every_n_epochs=0"),
+    ({"keep_every_n_hours": 0},
+     "keep_every_n_hours must be a number > 0 or None. Received: keep_every_n_hours=0"),
+    ({"keep_every_n_hours": True},
+     "keep_every_n_hours must be a number > 0 or None. Received: keep_every_n_hours=True"),
+    ({"keep_every_n_hours": "1"},
+     "keep_every_n_hours must be a number > 0 or None. Received: keep_every_n_hours='1'"),
+    ({"mode": "auto"}, "mode must be 'min' or 'max'. Received: mode='auto'"),
+])
+def test_bad_arguments_get_the_whole_message(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        RetentionPolicy(**kwargs)
+    assert str(err.value) == message
+
+
+def test_the_smallest_valid_values_are_accepted():
+    p = RetentionPolicy(max_to_keep=0, keep_best=0, keep_every_n_epochs=1, keep_every_n_hours=1e-9)
+    assert p.keep_every_n_epochs == 1 and p.keep_every_n_hours == 1e-9
+
+
+def test_without_seq_a_records_position_is_its_commit_number_against_a_baseline():
+    # Plain records carry no ``seq``: the third listed is commit 3, so a baseline from commit 2
+    # with the same value came first and stays best; one from commit 4 came after and loses.
+    recs = [R("a", 1, metrics={"m": 0.5}), R("b", 2, metrics={"m": 0.9}), R("c", 3, metrics={"m": 0.3})]
+    assert best_of(recs, "m", "min", Candidate(0.3, 2, None)) == Candidate(0.3, 2, None)
+    assert best_of(recs, "m", "min", Candidate(0.3, 4, None)) == Candidate(0.3, 3, "c")
+
+
+def test_records_without_a_run_count_as_run_zero():
+    # Records of a manifest written before runs existed rank for best in run 0.
+    recs = series([0.2, 0.5, 0.7])
+    keep = RetentionPolicy(max_to_keep=1, keep_best=1, monitor="val_loss").retain(recs, run=0)
+    assert keep == {"c000": ("best",), "c002": ("latest",)}
+
+
+def test_keep_every_n_hours_equal_timestamps_do_not_restart_the_spacing():
+    h = 3600.0
+    recs = [RR("a", time=0), RR("b", time=0.5 * h), RR("c", time=0.5 * h), RR("d", time=1.0 * h)]
+    assert KeepEveryNHours(1).select(recs) == ["a", "d"]  # exactly one hour after "a" is due
+
+
+def test_keep_every_n_hours_after_a_step_back_waits_a_full_interval():
+    h = 3600.0
+    back = [RR("x", time=10 * h), RR("y", time=5 * h), RR("z", time=5.5 * h), RR("w", time=6 * h)]
+    assert KeepEveryNHours(1).select(back) == ["x", "w"]
+
+
+def test_policy_measures_hours_from_keep_every_n_hours_since():
+    h = 3600.0
+    recs = [RR(f"t{i}", time=t * h) for i, t in enumerate([0, 0.5, 1.0, 1.2, 2.5, 3.4])]
+    hourly = RetentionPolicy(max_to_keep=0, keep_every_n_hours=1)
+    assert [n for n, why in hourly.retain(recs).items() if "every_n_hours" in why] == ["t0", "t2", "t4"]
+    since = RetentionPolicy(max_to_keep=0, keep_every_n_hours=1, keep_every_n_hours_since=0.9 * h)
+    assert [n for n, why in since.retain(recs).items() if "every_n_hours" in why] == ["t4"]
+    assert RetentionPolicy.from_json(since.to_json(), monitor=None, mode="min") == since
+
+
+def test_retain_lists_the_kept_in_commit_order_not_by_name():
+    recs = [RR("zeta"), RR("alpha"), RR("mid")]
+    assert list(RetentionPolicy().retain(recs)) == ["zeta", "alpha", "mid"]
+
+
+def test_from_json_takes_monitor_and_mode_from_the_caller_not_the_stored_dict():
+    stored = {"max_to_keep": 2, "monitor": "old_metric", "mode": "max"}
+    p = RetentionPolicy.from_json(stored, monitor="val_loss", mode="min")
+    assert (p.max_to_keep, p.monitor, p.mode) == (2, "val_loss", "min")
