@@ -9,6 +9,7 @@ is raised at construction and names the argument and the value received.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import string
@@ -170,7 +171,10 @@ class CheckpointConfig:
             )
         if self.initial_value_threshold is not None:
             try:
-                set_(self, "initial_value_threshold", float(self.initial_value_threshold))
+                threshold = float(self.initial_value_threshold)
+                if math.isnan(threshold):
+                    raise ValueError("NaN")
+                set_(self, "initial_value_threshold", threshold)
             except (TypeError, ValueError):
                 raise ValueError(
                     "initial_value_threshold must be a number or None. "

@@ -37,6 +37,7 @@ _KNOWN_EXTENSIONS = (
     ".weights.h5", ".keras", ".h5", ".pth.tar", ".pt", ".pth", ".index", ".meta", ".json",
 )
 _HEX128 = re.compile(r"[0-9a-f]{32}")
+_TF_SHARD = re.compile(r"(.+)\.data-\d{5}-of-\d{5}")
 
 
 class ManifestError(RuntimeError):
@@ -55,9 +56,10 @@ def checkpoint_name(path: str) -> str:
     for ext in _KNOWN_EXTENSIONS:
         if base.endswith(ext) and len(base) > len(ext):
             return base[: -len(ext)]
-    if ".data-" in base:
-        return base[: base.index(".data-")]
-    return os.path.splitext(base)[0] if "." in base else base
+    shard = _TF_SHARD.fullmatch(base)
+    if shard:
+        return shard.group(1)
+    return os.path.splitext(base)[0]
 
 
 # -- reading untrusted JSON -------------------------------------------------------------------------
@@ -137,8 +139,11 @@ def _file_name(value: Any, where: _Where) -> str:
 
 
 def _json_number(value: float | None) -> Any:
-    # JSON has no infinity; keep the manifest standard so any tool can read it.
-    if value is None or math.isfinite(value):
+    # JSON has no infinity or NaN; keep the manifest standard so any tool can read it. NaN is
+    # null: it must never read back as a value that could rank as best.
+    if value is None or math.isnan(value):
+        return None
+    if math.isfinite(value):
         return value
     return "inf" if value > 0 else "-inf"
 
@@ -483,8 +488,13 @@ class Manifest:
 
 
 def parse(data: bytes, where: str) -> Manifest:
+    def not_standard(token: str) -> Any:
+        # Python's json reads NaN/Infinity, which no other JSON reader does and which the next
+        # rewrite (allow_nan=False) would fail on mid-commit.
+        raise ValueError(f"{token} is not standard JSON")
+
     try:
-        obj = json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"), parse_constant=not_standard)
     except (ValueError, UnicodeDecodeError) as e:
         raise ManifestError(f"{where} is not valid JSON: {e}") from e
     return Manifest.from_json(obj, where=where)

@@ -439,7 +439,7 @@ def resolve_preset(preset: str | None, given: Mapping[str, Any]) -> dict[str, An
         raise ValueError(
             f"preset must be one of {sorted(PRESETS)} or None. Received: preset={preset!r}"
         )
-    fill = PRESETS.get(preset, {}) if preset else {}
+    fill = PRESETS.get(preset, {})
     out = dict(DEFAULTS)
     out.update(fill)
     for key, value in given.items():

@@ -204,6 +204,7 @@ def test_a_re_rendered_name_never_replaces_the_committed_best(tmp_path):
     ({"verbose": "yes"}, "verbose must be an integer >= 0"),
     ({"save_best_only": "x"}, "save_best_only must be True or False"),
     ({"monitor": ""}, "monitor must be a non-empty string"),
+    ({"initial_value_threshold": float("nan")}, "Received: initial_value_threshold=nan"),
     ({"resume": "/no/such/dir"}, "this path does not exist"),
     ({"resume": "EMPTY"}, "without keras_ckpt checkpoints"),
 ])
