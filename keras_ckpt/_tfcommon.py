@@ -326,8 +326,7 @@ class PrefixSeries:
             for file_name in found[base][1]:
                 digest, size = storage.hash_file(os.path.join(self.directory, file_name))
                 entries.append(mf.FileEntry(file_name, size, digest))
-            index = os.path.join(self.directory, base + ".index")
-            when = stamps.get(base, os.path.getmtime(index))
+            when = stamps[base] if base in stamps else self.engine.store.stat(base + ".index").mtime
             record = mf.make_record(
                 base, self.engine.series, epoch=0, step=0, time=when, metrics=None,
                 files=tuple(entries),

@@ -33,7 +33,7 @@ def _metrics(record: mf.Record) -> str:
 
 
 def _load(directory: str) -> mf.Manifest:
-    if not os.path.isdir(directory):
+    if storage.path_kind(directory) != "dir":
         raise mf.ManifestError(f"{directory} is not a directory")
     m = mf.read(storage.LocalStorage(directory))
     if m is None:

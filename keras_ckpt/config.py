@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from keras_ckpt import manifest as mf
+from keras_ckpt import storage
 from keras_ckpt.policy import (
     UNSET,
     RetentionPolicy,
@@ -86,12 +87,13 @@ def check_template(filepath: str) -> None:
 
 def check_resume_path(resume: str) -> None:
     """``resume=<path>`` must exist and hold something to restore; ValueError naming it else."""
-    if not os.path.exists(resume):
+    kind = storage.path_kind(resume)
+    if kind == "missing":
         raise ValueError(
             f"resume must be True, False or an existing checkpoint file or directory; this path "
             f"does not exist. Received: resume={resume!r}"
         )
-    if os.path.isdir(resume):
+    if kind == "dir":
         try:
             m = mf.load(resume)
         except mf.ManifestError as e:
@@ -101,7 +103,7 @@ def check_resume_path(resume: str) -> None:
                 f"resume={resume!r} is a directory without keras_ckpt checkpoints (no records in "
                 f"{mf.FILENAME}); pass the path of a checkpoint file to restore from it."
             )
-    elif not os.path.isfile(resume):
+    elif kind != "file":
         raise ValueError(f"resume must name a regular file or a directory. Received: resume={resume!r}")
 
 

@@ -745,14 +745,15 @@ def locate(path: str, series: str | None = None, argname: str = "resume") -> tup
     candidates are refused. The newest in commit order that verifies is chosen. Reads only.
     """
     path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
+    kind = storage.path_kind(path)
+    if kind == "dir":
         m = mf.load(path)
         records = choose_series(m, series, path, argname)
         record = newest_valid(path, records, incoming=in_flight(m))
         if record is None:
             raise ValueError(f"{argname}={path!r}: no checkpoint there passes its checksum")
         return os.path.join(path, record.path), record
-    if not os.path.exists(path):
+    if kind == "missing":
         raise ValueError(f"{argname} must be an existing checkpoint file or directory. Received: "
                          f"{argname}={path!r}")
     directory, base = os.path.split(path)

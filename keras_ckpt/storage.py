@@ -628,6 +628,18 @@ def holds_writer(directory: str) -> bool:
 class FileState(NamedTuple):
     kind: str  # "file", "missing" or "other" (a directory, FIFO, device, symlink)
     size: int
+    mtime: float = 0.0
+
+
+def path_kind(path: str) -> str:
+    """What is at ``path`` (symlinks followed): "dir", "file", "missing" or "other"."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    if stat_mod.S_ISDIR(st.st_mode):
+        return "dir"
+    return "file" if stat_mod.S_ISREG(st.st_mode) else "other"
 
 
 class LocalStorage:
@@ -670,7 +682,7 @@ class LocalStorage:
             st = os.lstat(self.path(name))
         except FileNotFoundError:
             return FileState("missing", 0)
-        return FileState("file" if stat_mod.S_ISREG(st.st_mode) else "other", st.st_size)
+        return FileState("file" if stat_mod.S_ISREG(st.st_mode) else "other", st.st_size, st.st_mtime)
 
     def read(self, name: str, limit: int) -> bytes | None:
         """The bytes of ``name`` (None if it does not exist); ValueError past ``limit`` bytes."""
