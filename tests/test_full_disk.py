@@ -82,3 +82,31 @@ def test_manifest_write_hits_enospc(small_disk):
     assert_failed_cleanly(e, small_disk, before, err)
     assert "checkpoints.json" in str(err.value)
     assert e.best == 0.5 and e.best_path.endswith("ck-1.bin")
+
+
+def test_keras_save_on_a_full_disk_raises_oserror_and_keeps_the_committed_checkpoint(small_disk):
+    keras = pytest.importorskip("keras")
+    import numpy as np
+
+    import keras_ckpt
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 1), "float32")
+    template = str(small_disk / "ck-{epoch}.keras")
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[keras_ckpt.ModelCheckpoint(template, max_to_keep=3)])
+    committed = (small_disk / "ck-1.keras").read_bytes()
+    st = os.statvfs(small_disk)
+    with open(small_disk / "filler", "wb") as f:  # leave less room than one checkpoint needs
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - len(committed) // 2))
+    ckpt = keras_ckpt.ModelCheckpoint(template, max_to_keep=3, resume=True)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        model.fit(x, y, epochs=3, verbose=0, callbacks=[ckpt])
+    assert "ck-2.keras" in str(err.value)
+    assert (small_disk / "ck-1.keras").read_bytes() == committed
+    assert not [n for n in os.listdir(small_disk) if n.startswith(".keras_ckpt-tmp")]
+    assert [r.name for r in mf.load(str(small_disk)).checkpoints] == ["ck-1"]
+    assert verify(str(small_disk), mf.load(str(small_disk)).checkpoints[0]) is None
+    os.remove(small_disk / "filler")
+    again = keras_ckpt.ModelCheckpoint(template, max_to_keep=3, resume=True)
+    assert model.fit(x, y, epochs=2, verbose=0, callbacks=[again]).epoch == [1]  # the same process goes on
