@@ -52,19 +52,27 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _chunks(f: IO[bytes], limit: int | None = None) -> Iterator[memoryview]:
+    """The bytes of raw file ``f`` in one reused buffer of up to 16 MiB (at most ``limit`` bytes)."""
+    buf = memoryview(bytearray(_CHUNK if limit is None else min(_CHUNK, max(limit, 1))))
+    left = limit
+    while left is None or left > 0:
+        n = f.readinto(buf if left is None else buf[: min(len(buf), left)])  # type: ignore[attr-defined]
+        if not n:
+            return
+        yield buf[:n]
+        if left is not None:
+            left -= n
+
+
 def hash_file(path: str) -> tuple[str, int]:
     """The xxh3-128 hex digest and size of a file."""
     h = xxhash.xxh3_128()
     size = 0
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-            size += n
+        for piece in _chunks(f):
+            h.update(piece)
+            size += len(piece)
     return h.hexdigest(), size
 
 
@@ -723,15 +731,12 @@ class LocalStorage:
             if st.st_size != expected_size:
                 return None, f"{name} has {st.st_size} bytes, the manifest says {expected_size}"
             h = xxhash.xxh3_128()
-            buf = bytearray(min(_CHUNK, max(expected_size, 1)))
-            view = memoryview(buf)
-            left = expected_size
-            while left:
-                n = f.readinto(view[: min(len(buf), left)])
-                if not n:
-                    return None, f"{name} is shorter than the manifest says (truncated while read)"
-                h.update(view[:n])
-                left -= n
+            read = 0
+            for piece in _chunks(f, expected_size):
+                h.update(piece)
+                read += len(piece)
+            if read != expected_size:
+                return None, f"{name} is shorter than the manifest says (truncated while read)"
         return h.hexdigest(), None
 
     def copy_to(self, name: str, out: IO[bytes], expected_size: int | None) -> str:
@@ -748,14 +753,9 @@ class LocalStorage:
             raise ValueError(f"{path} is not a regular file of the {expected_size} bytes its manifest says")
         with os.fdopen(fd, "rb", buffering=0) as f:
             writer = EarlyWriteback(out)
-            buf = bytearray(_CHUNK)
-            view = memoryview(buf)
-            while True:
-                n = f.readinto(buf)
-                if not n:
-                    break
-                h.update(view[:n])
-                writer.write(view[:n])
+            for piece in _chunks(f):
+                h.update(piece)
+                writer.write(piece)
         return h.hexdigest()
 
     # -- writing ------------------------------------------------------------------------------
