@@ -125,7 +125,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             keep_every_n_epochs=args.keep_every_n_epochs, keep_every_n_hours=args.keep_every_n_hours,
         )
         engine = Engine(os.path.join(args.dir, name), framework=state.framework, policy=policy)
-        engine.open("DIR")
+        if os.path.realpath(engine.directory) != os.path.realpath(args.dir):  # the manifest checks names too
+            raise ValueError(f"series {name!r} of {args.dir} names another directory; refusing to prune it")
+        engine.open("DIR", args.dir)
         try:
             for r in engine.prune(dry_run=args.dry_run):
                 print(f"{'would remove' if args.dry_run else 'removed'} {r.name}")

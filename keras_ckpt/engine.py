@@ -26,6 +26,7 @@ order, and best-N retention ranks with the same order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -81,7 +82,10 @@ class Transaction:
     def open(self, path: str | None = None) -> storage.HashingWriter:
         """A binary file object for ``path`` (default: the checkpoint's own path), hashed as it streams."""
         final = self._final(path)
-        tmp, raw = self._store.open_temp(final)  # closed at commit or exit
+        try:
+            tmp, raw = self._store.open_temp(final)  # closed at commit or exit
+        except OSError as e:
+            raise _named(e, self._engine.directory, final) from e
         writer = storage.HashingWriter(raw)
         self._files.append((tmp, final, writer, raw))
         return writer
@@ -89,7 +93,10 @@ class Transaction:
     def temp_path(self, path: str | None = None) -> str:
         """A temporary path for a writer that needs a file name (h5py); hashed after it is written."""
         final = self._final(path)
-        tmp = self._store.new_temp(final)
+        try:
+            tmp = self._store.new_temp(final)
+        except OSError as e:
+            raise _named(e, self._engine.directory, final) from e
         self._files.append((tmp, final, None, None))
         return self._store.path(tmp)
 
@@ -125,7 +132,10 @@ class Transaction:
         finally:
             for _, _, _, raw in self._files:
                 if raw is not None and not raw.closed:
-                    raw.close()
+                    # On a full disk closing flushes, and fails again: the first error is the one
+                    # to raise, and the temporaries below must go whatever happens here.
+                    with contextlib.suppress(OSError):
+                        raw.close()
             if not self._handed_over:  # once the intent is durable, the engine owns the temporaries
                 staged = [tmp for tmp, _, _, _ in self._files if "/" not in tmp]  # the rest: in _dirs
                 for tmp in [*staged, *self._side_temps, *self._dirs]:
@@ -255,13 +265,14 @@ class Engine:
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def open(self, argname: str = "filepath") -> None:
+    def open(self, argname: str = "filepath", value: str | None = None) -> None:
         """Become this directory's writer, finish whatever a crash left, and load the series.
 
-        Raises ValueError naming ``argname`` if the directory cannot be created or written, and
-        :class:`keras_ckpt.storage.DirectoryLocked` if another live process writes here.
+        Raises ValueError naming ``argname`` (and ``value``, by default the filepath) if the
+        directory cannot be created or written, and :class:`keras_ckpt.storage.DirectoryLocked`
+        if another live process writes here.
         """
-        self.store.ensure(argname, self.filepath)
+        self.store.ensure(argname, self.filepath if value is None else value)
         if not self._writing:
             self.store.acquire()
             self._writing = True
@@ -525,8 +536,10 @@ class Engine:
             m = _recover(self.store, m)
             self._write(m)
         if m.deleting:  # cleared in memory: the caller's next write records it
-            self._delete([n for n in m.deleting if n not in m.listed_files()])
-            m.deleting = []
+            listed = m.listed_files()
+            self._delete([n for n in m.deleting if n not in listed])
+            # Another series' leftovers wait for that series' next open.
+            m.deleting = [n for n in m.deleting if not self.owns(n) and n not in listed]
         return m
 
     def report(self, name: str, metrics: Mapping[str, Any]) -> Record:
@@ -578,7 +591,7 @@ class Engine:
             else replace(r, kept=tuple(k for k in kept[r.name] if k != "verified"))
             for r in m.checkpoints if r.series != self.series or r.name not in gone
         ]
-        m.deleting = sorted({f.path for r in dropped for f in r.files} - m.listed_files())
+        m.deleting = sorted(({f.path for r in dropped for f in r.files} | set(m.deleting)) - m.listed_files())
         self._write(m)
         self._load(m)
         self._delete(m.deleting)
@@ -654,15 +667,33 @@ def _apply(m: Manifest) -> tuple[Manifest, list[str]]:
     return out, gone
 
 
+# Files a commit may bring in besides the ones its series' template names: TF's state file.
+SIDE_FILES = ("checkpoint",)
+
+
 def _recover(store: storage.LocalStorage, m: Manifest) -> Manifest:
-    """Finish the commit a crash interrupted, or roll it back if its bytes are gone."""
+    """Finish the commit a crash interrupted, or roll it back if its bytes are gone.
+
+    An intent that would rename onto a file its series does not own, or whose temporaries are
+    not ours (a staging directory that is a symlink), is not ours either: rolled back.
+    """
     it = m.intent
     assert it is not None
+    owns = _template_pattern(it.series).fullmatch
+    why = "lost its files (deleted by hand?)"
+    complete = all(owns(final) or final in SIDE_FILES for _, final in it.moves)
+    if not complete:
+        why = "names files its series does not own (a damaged or crafted manifest)"
     incoming = {f.path: f for f in it.record.files}
-    complete = True
-    for tmp, final in it.moves:
-        if store.stat(tmp).kind == "file":
-            continue
+    pending = []
+    for tmp, final in it.moves if complete else ():
+        try:
+            if store.stat(tmp).kind == "file":
+                pending.append((tmp, final))
+                continue
+        except ValueError:  # not a temporary of ours after all
+            complete, why = False, "names temporaries that are not keras_ckpt's"
+            break
         entry = incoming.get(final)
         if entry is None:  # a side file: present is enough
             complete &= store.stat(final).kind == "file"
@@ -670,19 +701,19 @@ def _recover(store: storage.LocalStorage, m: Manifest) -> Manifest:
             digest, _ = store.hash(final, entry.bytes)
             complete &= digest == entry.xxh3_128
     if complete:
-        for tmp, final in it.moves:
-            if store.stat(tmp).kind == "file":
-                store.rename(tmp, final)
+        for tmp, final in pending:
+            store.rename(tmp, final)
         store.sync()
         out, _ = _apply(m)
         return out
     for tmp, _ in it.moves:
-        if store.stat(tmp).kind != "missing":
-            store.remove_temp(tmp.split("/")[0])
+        with contextlib.suppress(ValueError, OSError):
+            if store.stat(tmp).kind != "missing":
+                store.remove_temp(tmp.split("/")[0])
     m.intent = None
     warnings.warn(
-        f"keras_ckpt: an interrupted save of {it.record.name!r} in {store.directory} lost its "
-        "files (deleted by hand?); it was rolled back.",
+        f"keras_ckpt: an interrupted save of {it.record.name!r} in {store.directory} {why}; it "
+        "was rolled back.",
         stacklevel=4,
     )
     return m

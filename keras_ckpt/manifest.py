@@ -138,6 +138,16 @@ def _file_name(value: Any, where: _Where) -> str:
     return value
 
 
+def _series_name(value: Any, where: _Where, *, empty: bool = False) -> str:
+    """A series is named by its file-name template: a plain name, so it never points elsewhere."""
+    if empty and value == "":
+        return value
+    if storage.is_plain_name(value) and value not in (FILENAME, storage.LOCK_NAME):
+        return value
+    raise where.error("must be a file-name template inside the checkpoint directory (no directory part)",
+                      value)
+
+
 def _json_number(value: float | None) -> Any:
     # JSON has no infinity or NaN; keep the manifest standard so any tool can read it. NaN is
     # null: it must never read back as a value that could rank as best.
@@ -251,7 +261,7 @@ class Record:
             raise where.sub(".kept").error("must be a list of strings", kept)
         return cls(
             name=name,
-            series=_str(d, "series", where, default=""),
+            series=_series_name(_str(d, "series", where, default=""), where.sub(".series"), empty=True),
             epoch=_int(d, "epoch", where, default=0),
             step=_int(d, "step", where, default=0),
             time=time_,  # type: ignore[arg-type]
@@ -399,11 +409,15 @@ class Intent:
             if not isinstance(why, list) or not all(isinstance(w, str) for w in why):
                 raise where.sub(f".kept[{name!r}]").error("must be a list of strings", why)
             kept[str(name)] = tuple(why)
+        record = Record.from_json(d.get("record"), where.sub(".record"))
+        series = _series_name(_str(d, "series", where), where.sub(".series"))
+        if record.series != series:
+            raise where.sub(".record.series").error(f"must be the intent's series {series!r}", record.series)
         return cls(
             kept=kept,
-            series=_str(d, "series", where),
+            series=series,
             writer=_str(d, "writer", where, default=""),
-            record=Record.from_json(d.get("record"), where.sub(".record")),
+            record=record,
             state=SeriesState.from_json(d.get("state"), where.sub(".state")),
             moves=tuple(moves),
             drop=tuple(drop),
@@ -458,7 +472,7 @@ class Manifest:
             )
         top = _Where(where)
         series = {
-            str(k): SeriesState.from_json(v, top.sub(f"series[{k!r}]"))
+            _series_name(k, top.sub(f"series[{k!r}]")): SeriesState.from_json(v, top.sub(f"series[{k!r}]"))
             for k, v in _dict(d.get("series") or {}, top.sub("series")).items()
         }
         # Manifests written before ``seq`` existed list records in commit order.

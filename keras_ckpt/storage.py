@@ -308,9 +308,20 @@ def _prefix() -> str:
     return f"{TMP_PREFIX}-{writer_identity()}-"
 
 
+_NAME_MAX = 255
+
+
 def _new_name(directory: str, final_name: str) -> str:
-    # Ending in the final name keeps its extension for writers that dispatch on it (Keras).
-    return os.path.join(directory, f"{_prefix()}{secrets.token_hex(4)}-{final_name}")
+    # Ending in the final name keeps its extension for writers that dispatch on it (Keras). A
+    # name near the file system's limit is shortened in the middle, its extension kept.
+    head = f"{_prefix()}{secrets.token_hex(4)}-"
+    room = _NAME_MAX - len(head.encode())
+    tail = final_name
+    if len(tail.encode()) > room:
+        ext = final_name[len(final_name.split(".", 1)[0]):][-32:]
+        keep = room - len(ext.encode()) - 1
+        tail = final_name.encode()[:max(keep, 0)].decode("utf-8", "ignore") + "~" + ext
+    return os.path.join(directory, head + tail)
 
 
 def temp_path(directory: str, final_name: str) -> str:
@@ -497,8 +508,13 @@ _heartbeat: threading.Thread | None = None
 
 
 def _forget_locks_in_child() -> None:
-    # A forked child shares the parent's lock (same open file description) but is not its holder.
+    # A forked child (a DataLoader worker) shares the parent's flock through the inherited
+    # descriptor: closing the child's copy keeps the parent's lock, and lets it go when the
+    # parent releases it even while the child lives on.
     global _heartbeat
+    for held in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(held.fd)
     _held.clear()
     _heartbeat = None
 
@@ -554,8 +570,19 @@ def acquire_writer(directory: str) -> None:
             held.count += 1
             return
         path = os.path.join(directory, LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _NONBLOCK, 0o666)
+        except OSError as e:
+            raise DirectoryLocked(
+                f"the writer lock {path} cannot be opened ({e.strerror or e}): it must be a regular "
+                "file (a symlink is never followed); remove it if nothing writes to this directory."
+            ) from None
+        try:
+            if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                raise DirectoryLocked(
+                    f"the writer lock {path} is not a regular file; remove it if nothing writes to "
+                    "this directory."
+                )
             _take(fd, path, directory)
         except BaseException:
             os.close(fd)
@@ -639,6 +666,13 @@ class FileState(NamedTuple):
     mtime: float = 0.0
 
 
+def _lstat_mode(path: str) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return 0
+
+
 def path_kind(path: str) -> str:
     """What is at ``path`` (symlinks followed): "dir", "file", "missing" or "other"."""
     try:
@@ -666,7 +700,11 @@ class LocalStorage:
     def path(self, name: str) -> str:
         if not (is_plain_name(name) or is_temp_name(name)):
             raise ValueError(f"not a plain file name inside {self.directory}: {name!r}")
-        return os.path.join(self.directory, *name.split("/"))
+        parts = name.split("/")
+        if len(parts) == 2 and not stat_mod.S_ISDIR(_lstat_mode(os.path.join(self.directory, parts[0]))):
+            # A staging directory must be one (a symlink to elsewhere would carry renames out).
+            raise ValueError(f"not a staging directory of keras_ckpt in {self.directory}: {parts[0]!r}")
+        return os.path.join(self.directory, *parts)
 
     def name_of(self, path: str) -> str:
         """The name of ``path`` relative to this directory (a temporary in a staging dir too)."""
