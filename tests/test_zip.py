@@ -12,6 +12,7 @@ import random
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import zipfile
 import zlib
@@ -221,3 +222,13 @@ def test_bad_align_names_the_argument() -> None:
     archive = _zip.ZipWriter(io.BytesIO())
     with pytest.raises(ValueError, match="align=0"):
         archive.add("a", b"", align=0)
+
+
+def test_the_zip_module_imports_no_framework() -> None:
+    """Both front-ends share it: a PyTorch user must not pay for importing Keras, and back."""
+    code = (
+        "import sys, keras_ckpt._zip; "
+        "print(sorted({'keras', 'tensorflow', 'torch', 'h5py', 'numpy'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
