@@ -12,11 +12,11 @@ and streamed once:
    go. Groups, dataset names, dtypes and attributes are therefore Keras's by construction.
 2. The file is then written in one sequential pass: metadata gaps from the image, dataset bytes
    straight from the variables' own buffers (zero-copy views where the backend allows). For
-   ``.keras`` the zip member's CRC-32 is computed at the same time from those same buffers by
-   two threads over the two halves of the member (``zlib.crc32`` releases the GIL), joined with
-   :func:`crc32_combine`; the CRC goes into a data descriptor after the member, so nothing is
-   ever seeked back over. A strictly sequential writer lets the caller hash the bytes as they
-   stream, or write to a non-seekable target.
+   ``.keras`` the zip member's CRC-32 is computed at the same time from those same buffers, on
+   two threads, by :class:`keras_ckpt._zip.ZipWriter` (the zip writer the torch front-end shares);
+   the CRC goes into a data descriptor after the member, so nothing is ever seeked back over. A
+   strictly sequential writer lets the caller hash the bytes as they stream, or write to a
+   non-seekable target.
 3. Each 16 MiB written is handed to the disk at once (:class:`keras_ckpt.storage.EarlyWriteback`),
    so the disk works while the rest is still being copied and checksummed.
 
@@ -37,27 +37,23 @@ import contextlib
 import functools
 import io
 import os
-import struct
 import time
 import warnings
 import zipfile
-import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import h5py
 import keras
 import numpy as np
 
-from keras_ckpt import _compat, storage
+from keras_ckpt import _compat, _zip, storage
 
 __all__ = [
     "STATE_GROUP",
     "STATE_MEMBER",
     "add_state_h5",
     "copy_keras_with_state",
-    "crc32_combine",
     "fast_read_available",
     "fast_write_available",
     "file_format",
@@ -104,95 +100,6 @@ _OPTIMIZER_PATH = "optimizer"  # the Model attribute the walk stores the optimiz
 
 # Smaller arrays are left to h5py: planning them saves nothing and only adds segments.
 _PLAN_MIN_BYTES = 1 << 16
-# Same threshold as Python's zipfile: some readers treat 32-bit zip fields as signed.
-_ZIP64_LIMIT = (1 << 31) - 1
-_MAX_16 = 0xFFFF
-_CRC_THREADS = 2  # measured on 2 cores: one CRC thread lags the writer, two keep up
-
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
-_CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")
-_END_RECORD = struct.Struct("<4s4H2LH")
-_END_RECORD64 = struct.Struct("<4sQ2H2L4Q")
-_END_LOCATOR64 = struct.Struct("<4sLQL")
-_ZIP64_EXTRA_ID = 0x0001
-_FLAG_DATA_DESCRIPTOR = 0x08
-_FLAG_UTF8 = 0x800
-_UNIX = 3
-_ZIP_VERSION = 20
-_ZIP64_VERSION = 45
-_FILE_MODE = 0o600 << 16  # what zipfile.ZipFile.open(name, "w") records, as Keras's files have
-
-
-# --- CRC-32 -----------------------------------------------------------------------------------
-
-_CRC_POLY = 0xEDB88320  # CRC-32 (zlib, zip) polynomial, bit-reflected
-
-
-def _multmodp(a: int, b: int) -> int:
-    """Product of two polynomials modulo the CRC polynomial (bit-reflected, as in zlib)."""
-    m = 1 << 31
-    p = 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-
-
-def _x_powers() -> list[int]:
-    """x^(2^k) modulo the CRC polynomial for k = 0..31, so shifting by n bits is O(log n)."""
-    powers = [1 << 30]  # x^1
-    for _ in range(31):
-        powers.append(_multmodp(powers[-1], powers[-1]))
-    return powers
-
-
-_X2N = _x_powers()
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of ``A + B`` from ``crc1 = crc32(A)``, ``crc2 = crc32(B)`` and ``len2 = len(B)``.
-
-    Python's zlib module does not expose zlib's ``crc32_combine``; this is the same algorithm
-    (multiply ``crc1`` by x^(8 * len2) modulo the polynomial). It lets the two halves of a zip
-    member be checksummed on two cores at once. Cost: microseconds, independent of the data.
-    """
-    if len2 <= 0:
-        return crc1
-    shift = 1 << 31  # x^0
-    n, k = len2, 3  # len2 bytes = len2 * 2^3 bits
-    while n:
-        if n & 1:
-            shift = _multmodp(_X2N[k & 31], shift)
-        n >>= 1
-        k += 1
-    return _multmodp(shift, crc1) ^ crc2
-
-
-def _crc_of(segments: list[memoryview]) -> int:
-    crc = 0
-    for segment in segments:
-        crc = zlib.crc32(segment, crc)
-    return crc
-
-
-def _split(segments: list[memoryview], parts: int) -> list[list[memoryview]]:
-    """Cut a byte stream given as segments into ``parts`` runs of about equal length."""
-    total = sum(len(s) for s in segments)
-    target = -(-total // parts)
-    runs: list[list[memoryview]] = [[]]
-    room = target
-    for segment in segments:
-        while len(segment) > room and len(runs) < parts:
-            runs[-1].append(segment[:room])
-            segment = segment[room:]
-            runs.append([])
-            room = target
-        runs[-1].append(segment)
-        room -= len(segment)
-    return runs
 
 
 # --- Planning the HDF5 file -------------------------------------------------------------------
@@ -481,130 +388,6 @@ def _output(fileobj_or_path: str | os.PathLike[str] | IO[bytes]) -> Iterator[IO[
         fileobj_or_path.flush()
 
 
-def _dos_time(now: float) -> tuple[int, int]:
-    """Zip's MS-DOS time and date fields for ``now``."""
-    t = time.localtime(now)
-    dos_time = (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2)
-    dos_date = ((max(t.tm_year, 1980) - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
-    return dos_time, dos_date
-
-
-class _ZipStream:
-    """A zip archive written strictly front to back, members stored (uncompressed).
-
-    Offsets count from where the archive starts, so it may follow other data in the file (zip
-    readers allow a prefix). ZIP64 records appear only where a size or offset needs them.
-    """
-
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = storage.EarlyWriteback(out)
-        self._pos = 0
-        self._entries: list[tuple[bytes, int, int, int, int]] = []  # name, flags, crc, size, off
-        self._time, self._date = _dos_time(time.time())
-
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._pos += self._out.write(data)
-
-    def _local_header(self, name: bytes, flags: int, crc: int, size: int) -> None:
-        extra = b""
-        version = _ZIP_VERSION
-        if size > _ZIP64_LIMIT:
-            # A data-descriptor member's sizes are zero in its local header (as zipfile writes).
-            listed = 0 if flags & _FLAG_DATA_DESCRIPTOR else size
-            extra = struct.pack("<HHQQ", _ZIP64_EXTRA_ID, 16, listed, listed)
-            size, version = 0xFFFFFFFF, _ZIP64_VERSION
-        elif flags & _FLAG_DATA_DESCRIPTOR:
-            size = 0
-        self._emit(
-            _LOCAL_HEADER.pack(
-                b"PK\x03\x04", version, 0, flags, zipfile.ZIP_STORED,
-                self._time, self._date, crc, size, size, len(name), len(extra),
-            )
-            + name
-            + extra
-        )
-
-    @staticmethod
-    def _encode(name: str) -> tuple[bytes, int]:
-        if name.isascii():
-            return name.encode("ascii"), 0
-        return name.encode("utf-8"), _FLAG_UTF8
-
-    def add(self, name: str, data: bytes) -> None:
-        """Add a member whose bytes are at hand (its CRC goes in the local header)."""
-        encoded, flags = self._encode(name)
-        offset, crc = self._pos, zlib.crc32(data)
-        self._local_header(encoded, flags, crc, len(data))
-        self._emit(data)
-        self._entries.append((encoded, flags, crc, len(data), offset))
-
-    def add_streamed(self, name: str, segments: list[memoryview]) -> None:
-        """Add a member given as segments, CRC'd on other threads while it is being written.
-
-        The CRC is known only at the end, so it goes in a data descriptor after the data
-        instead of being patched into the local header: no seek back.
-        """
-        encoded, flags = self._encode(name)
-        flags |= _FLAG_DATA_DESCRIPTOR
-        size = sum(len(s) for s in segments)
-        offset = self._pos
-        self._local_header(encoded, flags, 0, size)
-        runs = _split(segments, _CRC_THREADS)
-        with ThreadPoolExecutor(len(runs)) as pool:
-            crcs = [pool.submit(_crc_of, run) for run in runs]
-            for segment in segments:
-                self._emit(segment)
-            crc = 0
-            for run, future in zip(runs, crcs):
-                crc = crc32_combine(crc, future.result(), sum(len(s) for s in run))
-        if size > _ZIP64_LIMIT:
-            self._emit(struct.pack("<4sLQQ", b"PK\x07\x08", crc, size, size))
-        else:
-            self._emit(struct.pack("<4sLLL", b"PK\x07\x08", crc, size, size))
-        self._entries.append((encoded, flags, crc, size, offset))
-
-    def finish(self) -> None:
-        """Write the central directory and the end records."""
-        start = self._pos
-        for name, flags, crc, size, offset in self._entries:
-            fields = []
-            listed_size, listed_offset = size, offset
-            if size > _ZIP64_LIMIT:
-                fields += [size, size]
-                listed_size = 0xFFFFFFFF
-            if offset > _ZIP64_LIMIT:
-                fields.append(offset)
-                listed_offset = 0xFFFFFFFF
-            extra = b""
-            version = _ZIP_VERSION
-            if fields:
-                extra = struct.pack(f"<HH{len(fields)}Q", _ZIP64_EXTRA_ID, 8 * len(fields), *fields)
-                version = _ZIP64_VERSION
-            self._emit(
-                _CENTRAL_HEADER.pack(
-                    b"PK\x01\x02", version, _UNIX, version, 0, flags, zipfile.ZIP_STORED,
-                    self._time, self._date, crc, listed_size, listed_size, len(name),
-                    len(extra), 0, 0, 0, _FILE_MODE, listed_offset,
-                )
-                + name
-                + extra
-            )
-        count, cd_size = len(self._entries), self._pos - start
-        if count > _MAX_16 or cd_size > _ZIP64_LIMIT or start > _ZIP64_LIMIT:
-            record = self._pos
-            self._emit(
-                _END_RECORD64.pack(
-                    b"PK\x06\x06", _END_RECORD64.size - 12, _ZIP64_VERSION, _ZIP64_VERSION,
-                    0, 0, count, count, cd_size, start,
-                )
-            )
-            self._emit(_END_LOCATOR64.pack(b"PK\x06\x07", 0, record, 1))
-            count, cd_size, start = (
-                min(count, _MAX_16), min(cd_size, 0xFFFFFFFF), min(start, 0xFFFFFFFF)
-            )
-        self._emit(_END_RECORD.pack(b"PK\x05\x06", 0, 0, count, count, cd_size, start, 0))
-
-
 def _asset_files(root: str) -> Iterator[tuple[str, str]]:
     """(member name, file path) of every file under ``root``, as Keras's zip writer adds them."""
     for dirpath, dirnames, filenames in os.walk(root):
@@ -645,7 +428,8 @@ def _write_archive(
     out: IO[bytes], metadata_json: str, config_json: str, assets_root: str,
     segments: list[memoryview],
 ) -> None:
-    archive = _ZipStream(out)
+    # The header fields zipfile writes, as in Keras's own files.
+    archive = _zip.ZipWriter(storage.EarlyWriteback(out), timestamp=time.time(), unix_mode=0o600)
     archive.add(_METADATA_MEMBER, metadata_json.encode())
     archive.add(_CONFIG_MEMBER, config_json.encode())
     for name, path in _asset_files(assets_root):
@@ -721,14 +505,6 @@ class _Window(_Positioned):
         return done
 
 
-def _member_data_offset(fd: int, info: zipfile.ZipInfo) -> int:
-    header = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
-    fields = _LOCAL_HEADER.unpack(header)
-    if fields[0] != b"PK\x03\x04":
-        raise zipfile.BadZipFile(f"bad local header for {info.filename!r}")
-    return info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]
-
-
 class _ReadStore(_H5IOStore):
     """Keras's HDF5 weights store over an already opened ``h5py.File``."""
 
@@ -747,7 +523,7 @@ def _open_weights(path: str, fd: int) -> h5py.File:
         info = archive.getinfo(_WEIGHTS_MEMBER)
         if info.compress_type != zipfile.ZIP_STORED:
             return h5py.File(io.BytesIO(archive.read(info)), "r")
-    return h5py.File(_Window(fd, _member_data_offset(fd, info), info.file_size), "r")
+    return h5py.File(_Window(fd, _zip.member_data_offset(fd, info), info.file_size), "r")
 
 
 def load_into(model: Any, path: str) -> None:

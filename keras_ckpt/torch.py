@@ -21,20 +21,17 @@ import contextlib
 import os
 import pickle
 import random
-import struct
 import warnings
 import zipfile
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from keras_ckpt import _compat, storage
+from keras_ckpt import _compat, _zip, storage
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
@@ -556,15 +553,7 @@ def _public_save(obj: Any, out: storage.EarlyWriteback) -> None:
         raise failure[0]
 
 
-_ZIP64_LIMIT = 0xFFFFFFFF
-_ZIP64_EXTRA_ID = 0x0001
-_ZIP_FLAGS = 0x0808  # sizes and CRC in a data descriptor after the data; UTF-8 names
-_LOCAL_HEADER = struct.Struct("<4sHHHHHLLLHH")
-_CENTRAL_HEADER = struct.Struct("<4sHHHHHHLLLHHHHHLL")
-_END_RECORD = struct.Struct("<4sHHHHLLH")
-_END_RECORD64 = struct.Struct("<4sQHHLLQQQQ")
-_END_LOCATOR64 = struct.Struct("<4sLQL")
-_CRC_ASIDE = 1 << 20  # records at least this large are CRC'd on another thread during the write
+_ZIP64_LIMIT = 0xFFFFFFFF  # where torch's writer switches to ZIP64 fields
 _FORMAT_VERSION = b"3\n"  # what torch's writer records for torch.save files (the "version" record)
 
 
@@ -575,56 +564,28 @@ class _TorchZipWriter:
     ``data`` a str/bytes or a CPU ``UntypedStorage``) go in as ``archive/<name>`` members,
     stored, each one's data aligned as its ``.storage_alignment`` record says (torch pads the
     local header's extra field with an ``FB`` block, as here; ``torch.load(mmap=True)`` maps
-    storages in place). A large record's CRC-32 is computed on another thread from the same
-    memory while the main thread writes it (``zlib.crc32`` releases the GIL), and goes in a
-    data descriptor after the data, so nothing is seeked back over and the engine hashes the
-    bytes as they stream. The result is a valid zip archive (``zipfile``'s ``testzip`` passes).
+    storages in place). The zip structures are :class:`keras_ckpt._zip.ZipWriter`'s, with
+    torch's header fields: a large record's CRC-32 is computed on other threads from the same
+    memory while the main thread writes it, and goes in a data descriptor after the data, so
+    nothing is seeked back over and the engine hashes the bytes as they stream. The result is
+    a valid zip archive (``zipfile``'s ``testzip`` passes).
     """
 
     def __init__(self, out: storage.EarlyWriteback, archive: str = "archive") -> None:
-        self._out = out
+        # torch's header fields: no timestamps, no creator attributes, every name UTF-8.
+        self._zip = _zip.ZipWriter(
+            out, always_utf8=True, zip64_limit=_ZIP64_LIMIT, zip64_end_sentinels=True
+        )
         self._prefix = archive + "/"
-        self._pos = 0
         self._alignment = 64  # torch's default, until _save's .storage_alignment record says
-        self._entries: list[tuple[bytes, int, int, int]] = []  # name, crc, size, offset
         self._total = 0
-
-    def _emit(self, data: bytes | memoryview) -> None:
-        self._pos += self._out.write(data)
 
     def write_record(self, name: str, data: Any, size: int) -> None:
         """Add member ``name`` holding the first ``size`` bytes of ``data``."""
         view = _record_bytes(data)[:size]
         if name == ".storage_alignment":
             self._alignment = int(bytes(view))
-        encoded = (self._prefix + name).encode("utf-8")
-        zip64 = size > _ZIP64_LIMIT
-        # A data-descriptor member's sizes are zero in its local header (as zipfile writes).
-        extra = struct.pack("<HHQQ", _ZIP64_EXTRA_ID, 16, 0, 0) if zip64 else b""
-        data_start = self._pos + _LOCAL_HEADER.size + len(encoded) + len(extra) + 4
-        pad = -data_start % self._alignment
-        extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
-        listed = 0xFFFFFFFF if zip64 else 0
-        offset = self._pos
-        self._emit(
-            _LOCAL_HEADER.pack(b"PK\x03\x04", 45 if zip64 else 20, _ZIP_FLAGS, 0, 0, 0, 0,
-                               listed, listed, len(encoded), len(extra))
-            + encoded
-            + extra
-        )
-        if size < _CRC_ASIDE:
-            crc = zlib.crc32(view)
-            self._emit(view)
-        else:
-            with ThreadPoolExecutor(1) as pool:
-                future = pool.submit(zlib.crc32, view)
-                self._emit(view)
-                crc = future.result()
-        if zip64:
-            self._emit(struct.pack("<4sLQQ", b"PK\x07\x08", crc, size, size))
-        else:
-            self._emit(struct.pack("<4sLLL", b"PK\x07\x08", crc, size, size))
-        self._entries.append((encoded, crc, size, offset))
+        self._zip.add_streamed(self._prefix + name, [view], align=self._alignment)
         self._total += size
 
     def finish(self) -> None:
@@ -633,31 +594,7 @@ class _TorchZipWriter:
         # 40 digits, as torch writes: an id for this file, then its total data size.
         serial = f"{random.SystemRandom().getrandbits(63):020d}{self._total:020d}".encode()
         self.write_record(".data/serialization_id", serial, len(serial))
-        start = self._pos
-        for name, crc, size, offset in self._entries:
-            fields = [size, size] if size > _ZIP64_LIMIT else []
-            if offset > _ZIP64_LIMIT:
-                fields.append(offset)
-            extra = struct.pack(f"<HH{len(fields)}Q", _ZIP64_EXTRA_ID, 8 * len(fields), *fields)
-            version = 45 if fields else 20
-            listed_size = 0xFFFFFFFF if size > _ZIP64_LIMIT else size
-            self._emit(
-                _CENTRAL_HEADER.pack(
-                    b"PK\x01\x02", version, version, _ZIP_FLAGS, 0, 0, 0, crc, listed_size,
-                    listed_size, len(name), len(extra) if fields else 0, 0, 0, 0, 0,
-                    0xFFFFFFFF if offset > _ZIP64_LIMIT else offset,
-                )
-                + name
-                + (extra if fields else b"")
-            )
-        count, cd_size = len(self._entries), self._pos - start
-        if count > 0xFFFF or start > _ZIP64_LIMIT or cd_size > _ZIP64_LIMIT:
-            record = self._pos
-            self._emit(_END_RECORD64.pack(b"PK\x06\x06", _END_RECORD64.size - 12, 45, 45, 0, 0,
-                                          count, count, cd_size, start))
-            self._emit(_END_LOCATOR64.pack(b"PK\x06\x07", 0, record, 1))
-            count, cd_size, start = 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF  # see the ZIP64 records
-        self._emit(_END_RECORD.pack(b"PK\x05\x06", 0, 0, count, count, cd_size, start, 0))
+        self._zip.finish()
 
 
 def _record_bytes(data: Any) -> memoryview:
