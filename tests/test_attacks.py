@@ -7,7 +7,6 @@ stays locked after training released it, a leaked temporary on a full disk.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,37 +15,18 @@ import sys
 import time
 
 import pytest
+from _engine_helpers import make_engine, rewrite, save
 
 from keras_ckpt import cli, storage
 from keras_ckpt import manifest as mf
-from keras_ckpt.engine import Engine
-from keras_ckpt.policy import RetentionPolicy
 
-SERIES = "ck-{epoch:03d}.bin"
+SERIES = "ck-{epoch:03d}.bin"  # what _engine_helpers.make_engine uses by default
 
 
-def make_engine(directory, template=SERIES, **policy):
-    policy.setdefault("monitor", "val_loss")
-    e = Engine(os.path.join(directory, template), framework="test", policy=RetentionPolicy(**policy))
-    e.open()
-    return e
 
 
-def save(engine, epoch, value, payload=b"x" * 1000):
-    path = os.path.join(engine.directory, engine.series.format(epoch=epoch))
-    with engine.transaction(path, epoch=epoch, step=epoch * 10, metrics={"val_loss": value}) as tx:
-        with tx.open() as f:
-            f.write(payload)
-    return tx.record
 
 
-def rewrite(directory, fn):
-    p = os.path.join(directory, mf.FILENAME)
-    with open(p) as f:
-        data = json.load(f)
-    fn(data)
-    with open(p, "w") as f:
-        json.dump(data, f)
 
 
 def crafted_intent(data, temp, path):

@@ -10,25 +10,11 @@ import sys
 import time
 
 import pytest
+from _engine_helpers import make_engine, save
 
 from keras_ckpt import manifest as mf
 from keras_ckpt.engine import Engine, in_flight, locate, verify
 from keras_ckpt.policy import RetentionPolicy
-
-
-def make_engine(directory, template="ck-{epoch:03d}.bin", **policy):
-    policy.setdefault("monitor", "val_loss")
-    e = Engine(os.path.join(directory, template), framework="test", policy=RetentionPolicy(**policy))
-    e.open()
-    return e
-
-
-def save(engine, epoch, value, payload=b"x" * 1000, template=None):
-    path = os.path.join(engine.directory, (template or engine.series).format(epoch=epoch))
-    with engine.transaction(path, epoch=epoch, step=epoch * 10, metrics={"val_loss": value}) as tx:
-        with tx.open() as f:
-            f.write(payload)
-    return tx
 
 
 def test_manifest_schema_and_files(tmp_path):

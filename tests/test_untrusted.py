@@ -11,34 +11,11 @@ import threading
 import time
 
 import pytest
+from _engine_helpers import make_engine, rewrite, save
 
 from keras_ckpt import cli, storage
 from keras_ckpt import manifest as mf
-from keras_ckpt.engine import Engine, verify
-from keras_ckpt.policy import RetentionPolicy
-
-
-def make_engine(directory, template="ck-{epoch:03d}.bin", **policy):
-    policy.setdefault("monitor", "val_loss")
-    e = Engine(os.path.join(directory, template), framework="test", policy=RetentionPolicy(**policy))
-    e.open()
-    return e
-
-
-def save(engine, epoch, value, payload=b"x" * 1000):
-    path = os.path.join(engine.directory, engine.series.format(epoch=epoch))
-    with engine.transaction(path, epoch=epoch, step=epoch * 10, metrics={"val_loss": value}) as tx:
-        with tx.open() as f:
-            f.write(payload)
-    return tx.record
-
-
-def rewrite(directory, fn):
-    p = os.path.join(directory, "checkpoints.json")
-    data = json.loads(open(p).read())
-    fn(data)
-    with open(p, "w") as f:
-        json.dump(data, f)
+from keras_ckpt.engine import verify
 
 
 @pytest.fixture
@@ -116,7 +93,7 @@ def test_a_crafted_deleting_list_removes_nothing_outside_or_foreign(tmp_path, vi
 def test_special_files_never_hang_or_stream(tmp_path):
     d = tmp_path / "ckpts"
     e = make_engine(d, template="model.bin")
-    rec = save(e, 1, 0.5)
+    rec = save(e, 1, 0.5).record
     e.close()
     target = d / "model.bin"
     target.unlink()
@@ -137,7 +114,7 @@ def test_special_files_never_hang_or_stream(tmp_path):
 def test_sizes_are_compared_before_hashing(tmp_path):
     d = tmp_path / "ckpts"
     e = make_engine(d, template="model.bin")
-    rec = save(e, 1, 0.5)
+    rec = save(e, 1, 0.5).record
     e.close()
     with open(d / "model.bin", "r+b") as f:
         f.truncate(1 << 40)  # a 1 TiB sparse file: reading it would take hours
