@@ -74,7 +74,7 @@ def figure(m: Manifest, *, metric: str | None = None, x: str | None = None, titl
     axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
     several = len({r.series for r in m.checkpoints}) > 1
     for ax, name in zip(axes, metrics):
-        kept_label = "kept"  # one legend entry for the kept rings of every series
+        kept_label, best_label = "kept", "best"  # one legend entry each, whatever the series
         for series in sorted({r.series for r in m.checkpoints}):
             records = m.records(series)
             for run in sorted({r.run for r in records}):
@@ -96,10 +96,11 @@ def figure(m: Manifest, *, metric: str | None = None, x: str | None = None, titl
             if best:
                 ax.scatter([_x_of(r, x) for r in best], [_value(r, name) for r in best], s=220,
                            marker="*", color="gold", edgecolors="black", zorder=4,
-                           label=f"best {state.monitor}" if state.monitor else "best", gid="best")
+                           label=best_label, gid="best")
+                best_label = None
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+    axes[0].legend(fontsize="small")
     if x != "time":
         axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[-1].set_xlabel("time (Unix seconds)" if x == "time" else x)

@@ -33,7 +33,8 @@ def test_ls_marks_the_best_and_shows_why_kept(tmp_path):
     assert lines[0].startswith("series ck-{epoch:02d}.bin") and "best val_loss (min) = 0.2" in lines[0]
     assert lines[1].split()[:4] == ["name", "run", "epoch", "step"]
     best = [ln for ln in lines if ln.startswith("*")]
-    assert len(best) == 1 and "ck-02" in best[0] and "val_loss=0.2" in best[0]
+    assert "val_loss" in lines[1].split()
+    assert len(best) == 1 and "ck-02" in best[0] and " 0.2 " in best[0]
     assert "2.0 KB" in best[0] and "latest" in best[0]
 
 

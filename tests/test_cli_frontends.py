@@ -12,9 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from keras_ckpt import _export
+from keras_ckpt import _export, storage
 from keras_ckpt import manifest as mf
-from keras_ckpt import storage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -145,7 +144,8 @@ def test_no_manifest_and_newer_format_are_refused_clearly(tmp_path):
         args = [command[0], tmp_path, *command[1:]]
         out = cli(*args)
         assert out.returncode == 2 and "has no checkpoints.json" in out.stderr, (command, out.stderr)
-    (tmp_path / "checkpoints.json").write_text('{"format": 99, "writer": "keras_ckpt 9.0", "checkpoints": []}')
+    newer = '{"format": 99, "writer": "keras_ckpt 9.0", "checkpoints": []}'
+    (tmp_path / "checkpoints.json").write_text(newer)
     out = cli("ls", tmp_path, "--json")
     assert out.returncode == 2 and "newer than this keras_ckpt understands" in out.stderr
     assert out.stdout == ""
