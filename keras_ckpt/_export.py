@@ -24,13 +24,12 @@ import contextlib
 import io
 import os
 import shutil
-import struct
 import zipfile
 from collections.abc import Iterator
 from typing import IO, Any
 
+from keras_ckpt import _zip, storage
 from keras_ckpt import manifest as mf
-from keras_ckpt import storage
 from keras_ckpt.engine import in_flight, verify
 from keras_ckpt.manifest import Manifest, Record
 
@@ -40,7 +39,6 @@ STATE_GROUP = "keras_ckpt"
 WEIGHTS_MEMBER = "model.weights.h5"
 _OPTIMIZER_GROUPS = ("optimizer", "optimizer_weights")  # Keras 3 files; legacy whole-model .h5
 _TORCH_EXTENSIONS = (".pt", ".pth", ".pth.tar")
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 
 
 def select(m: Manifest, directory: str, *, which: str, name: str | None = None,
@@ -264,12 +262,7 @@ def _zip_member(path: str, name: str) -> Iterator[IO[bytes]]:
             with archive.open(info) as member:
                 yield member
             return
-        f.seek(info.header_offset)
-        header = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
-        if header[0] != b"PK\x03\x04":
-            raise ValueError(f"{path}: bad zip header for {name}")
-        start = info.header_offset + _LOCAL_HEADER.size + header[10] + header[11]
-        yield _Window(f, start, info.file_size)
+        yield _Window(f, _zip.member_data_offset(f.fileno(), info), info.file_size)
 
 
 def _export_torch(source: str, out: str) -> None:
