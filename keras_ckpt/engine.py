@@ -140,6 +140,9 @@ class Transaction:
                 staged = [tmp for tmp, _, _, _ in self._files if "/" not in tmp]  # the rest: in _dirs
                 for tmp in [*staged, *self._side_temps, *self._dirs]:
                     self._remove(tmp)
+            elif self.record is not None:
+                for d in self._dirs:  # committed: what they held was renamed out, they are empty
+                    self._remove(d)
 
     def _remove(self, name: str) -> None:
         try:

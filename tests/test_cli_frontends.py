@@ -74,8 +74,7 @@ def test_ls_json_matches_the_files_on_disk(written, frontend):
     rc, listing = cli_json("ls", d)
     assert rc == 0
     assert listing["directory"] == os.path.abspath(d) and listing["format"] == 1
-    on_disk = {n for n in os.listdir(d) if n not in (mf.FILENAME, "checkpoint", storage.LOCK_NAME)
-               and not n.startswith(storage.TMP_PREFIX)}
+    on_disk = {n for n in os.listdir(d) if n not in (mf.FILENAME, "checkpoint", storage.LOCK_NAME)}
     assert {f["path"] for c in listing["checkpoints"] for f in c["files"]} == on_disk
     for c in listing["checkpoints"]:
         assert c["bytes"] == sum(os.path.getsize(os.path.join(d, f["path"])) for f in c["files"])

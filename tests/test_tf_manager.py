@@ -50,6 +50,8 @@ def test_best_and_latest_retention_and_restore_after_restart(tmp_path):
         path = manager.save(metrics={"val_loss": val_loss})
         values_at[path] = {k: v.numpy().tolist() for k, v in state.items()}
 
+    # Nothing is left of the saves but their files: no staging directory per save.
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".keras_ckpt-tmp")]
     prefix = lambda n: str(tmp_path / f"ckpt-{n}")  # noqa: E731
     # Latest 2 (6, 7) plus best 2 (val_loss 1 and 3); the rest deleted.
     assert _kept(tmp_path) == {
