@@ -114,7 +114,8 @@ def test_series_state_fields_are_checked():
 
 
 def test_intent_temporaries_must_be_ours():
-    good = Intent("s", record(), SeriesState(), ((".keras_ckpt-tmp-a-b", "b.keras"),)).to_json()
+    good = Intent("ck-{epoch:03d}.keras", record(), SeriesState(),
+                  ((".keras_ckpt-tmp-a-b", "b.keras"),)).to_json()
     for temp in ["/tmp/x", "../.keras_ckpt-tmp-a", "x.keras", ".keras_ckpt-tmp-a/b/c"]:
         bad = json.loads(json.dumps(good))
         bad["moves"][0]["temp"] = temp
@@ -167,7 +168,8 @@ def with_file(**changes):
 
 
 def good_intent():
-    return Intent("s", record(), SeriesState(), ((".keras_ckpt-tmp-a-b", "b.keras"),)).to_json()
+    return Intent("ck-{epoch:03d}.keras", record(), SeriesState(),
+                  ((".keras_ckpt-tmp-a-b", "b.keras"),)).to_json()
 
 
 def with_intent(**changes):
@@ -375,3 +377,20 @@ def test_nan_or_infinity_literals_are_refused_at_load_not_mid_commit():
         mf.parse(b'{"format": 1, "future": NaN}', "cp.json")
     with pytest.raises(ManifestError, match="Infinity is not standard JSON"):
         mf.parse(b'{"format": 1, "future": [-Infinity]}', "cp.json")
+
+
+def test_an_intent_for_another_series_than_its_record_is_refused():
+    d = good_intent()
+    d["series"] = "other-{epoch}.keras"
+    with pytest.raises(ManifestError, match=r"intent\.record\.series: must be the intent's series"):
+        mf.parse(json.dumps({"format": 1, "intent": d}).encode(), "cp.json")
+
+
+@pytest.mark.parametrize("name", ["../victim/ck-{epoch}.bin", "/etc/x", "a/b", "checkpoints.json"])
+def test_series_names_must_be_templates_inside_the_directory(name):
+    with pytest.raises(ManifestError, match=r"must be a file-name template inside the checkpoint directory"):
+        mf.parse(json.dumps({"format": 1, "series": {name: {}}}).encode(), "cp.json")
+    d = record().to_json()
+    d["series"] = name
+    with pytest.raises(ManifestError, match=r"checkpoints\[0\] \('ck-001'\)\.series"):
+        mf.parse(json.dumps({"format": 1, "checkpoints": [d]}).encode(), "cp.json")
