@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from keras_ckpt import storage
-from keras_ckpt.manifest import Manifest, Record
+from keras_ckpt.manifest import Manifest, Record, Save
 
 _X = {"epoch": "epoch", "step": "step", "time": "time"}
 
@@ -30,7 +30,7 @@ def _matplotlib() -> Any:
 
 def metrics_to_plot(m: Manifest, metric: str | None) -> list[str]:
     """The asked-for metric or every series' monitor (else the first metric saved), then ``loss``."""
-    logged = [k for r in m.checkpoints for k in r.metrics]
+    logged = [k for r in m.saves() for k in r.metrics]
     if metric is not None:
         if metric not in logged:
             raise ValueError(f"--metric {metric!r} was not logged with any checkpoint "
@@ -48,11 +48,11 @@ def metrics_to_plot(m: Manifest, metric: str | None) -> list[str]:
     return out
 
 
-def _x_of(r: Record, x: str) -> float:
+def _x_of(r: Record | Save, x: str) -> float:
     return float(getattr(r, _X[x]))
 
 
-def _value(r: Record, metric: str) -> float:
+def _value(r: Record | Save, metric: str) -> float:
     v = r.metrics.get(metric)
     return math.nan if v is None else float(v)
 
@@ -60,9 +60,10 @@ def _value(r: Record, metric: str) -> float:
 def figure(m: Manifest, *, metric: str | None = None, x: str | None = None, title: str = "") -> Any:
     """The plot as a matplotlib ``Figure`` (its artists carry gids: ``saves``, ``kept``, ``best``).
 
-    Only the checkpoints the manifest lists are known: ones retention has deleted left no record.
-    ``x`` is ``"epoch"``, ``"step"`` or ``"time"``; by default the epoch, or the step where no
-    save counted epochs (a TF ``CheckpointManager``).
+    Every save is drawn from the manifest's history (the last ``HISTORY_MAX``), also those whose
+    files retention has deleted; the checkpoints still listed are circled. ``x`` is ``"epoch"``,
+    ``"step"`` or ``"time"``; by default the epoch, or the step where no save counted epochs (a
+    TF ``CheckpointManager``).
     """
     Figure, _, MaxNLocator = _matplotlib()
     if x is None:
@@ -75,10 +76,12 @@ def figure(m: Manifest, *, metric: str | None = None, x: str | None = None, titl
     several = len({r.series for r in m.checkpoints}) > 1
     for ax, name in zip(axes, metrics):
         kept_label, best_label = "kept", "best"  # one legend entry each, whatever the series
+        saves = m.saves()
         for series in sorted({r.series for r in m.checkpoints}):
             records = m.records(series)
-            for run in sorted({r.run for r in records}):
-                in_run = [r for r in records if r.run == run and name in r.metrics]
+            history = [h for h in saves if h.series == series]
+            for run in sorted({h.run for h in history}):
+                in_run = [h for h in history if h.run == run and name in h.metrics]
                 if not in_run:
                     continue
                 label = f"{series} run {run}" if several else f"run {run}"

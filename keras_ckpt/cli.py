@@ -224,7 +224,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
             raise ValueError(f"--series {args.series!r} has no checkpoints in {args.dir} "
                              f"(series: {', '.join(m.series)})")
         m = mf.Manifest(series={args.series: m.series[args.series]} if args.series in m.series else {},
-                        checkpoints=m.records(args.series))
+                        checkpoints=m.records(args.series),
+                        history=[h for h in m.history if h.series == args.series])
     if not m.checkpoints:
         print(f"no checkpoints in {args.dir}")
         return 1

@@ -461,7 +461,7 @@ class Engine:
                 kept=kept,
             )
             before = mf.Manifest(series=dict(m.series), checkpoints=list(m.checkpoints), seq=m.seq,
-                                 deleting=list(m.deleting), extra=m.extra)
+                                 deleting=list(m.deleting), history=m.history, extra=m.extra)
             before.intent = intent
             before.seq = seq
             self._write(before)  # the write-ahead point: from here the checkpoint is committed
@@ -553,6 +553,8 @@ class Engine:
             for i, r in enumerate(m.checkpoints):
                 if r.series == self.series and r.name == name:
                     m.checkpoints[i] = replace(r.with_metrics({**r.metrics, **metrics}), pending=False)
+                    m.history = [mf.Save.of(m.checkpoints[i]) if (h.series, h.seq) == (r.series, r.seq)
+                                 else h for h in m.history]
                     break
             else:
                 raise KeyError(name)
@@ -652,7 +654,9 @@ def _apply(m: Manifest) -> tuple[Manifest, list[str]]:
     """``m`` with its intent committed; and the files that commit leaves unlisted."""
     it = m.intent
     assert it is not None
-    out = Manifest(series=dict(m.series), seq=max(m.seq, it.record.seq), extra=m.extra)
+    out = Manifest(series=dict(m.series), seq=max(m.seq, it.record.seq), history=list(m.history),
+                   extra=m.extra)
+    out.remember(it.record)
     removed: set[str] = set()
     records = []
     for r in m.checkpoints:

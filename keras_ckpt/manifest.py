@@ -424,6 +424,51 @@ class Intent:
         )
 
 
+HISTORY_MAX = 2000  # saves remembered for `keras-ckpt plot`; the manifest is rewritten every save
+
+
+@dataclass(frozen=True)
+class Save:
+    """One save in the history, kept after retention deleted its files (for plots across runs)."""
+
+    name: str
+    series: str
+    seq: int
+    run: int
+    epoch: int
+    step: int
+    time: float
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, r: Record) -> Save:
+        return cls(r.name, r.series, r.seq, r.run, r.epoch, r.step, r.time, dict(r.metrics))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "series": self.series, "seq": self.seq, "run": self.run,
+                "epoch": self.epoch, "step": self.step, "time": self.time,
+                "metrics": {k: _json_number(v) for k, v in self.metrics.items()}}
+
+    @classmethod
+    def from_json(cls, d: Any, where: _Where) -> Save:
+        d = _dict(d, where)
+        time_ = _number(d.get("time", 0.0), where.sub(".time"), allow_none=False)
+        metrics = {
+            str(k): _number(v, where.sub(f".metrics[{k!r}]"))
+            for k, v in _dict(d.get("metrics") or {}, where.sub(".metrics")).items()
+        }
+        return cls(
+            name=_str(d, "name", where),
+            series=_series_name(_str(d, "series", where, default=""), where.sub(".series"), empty=True),
+            seq=_int(d, "seq", where, default=0),
+            run=_int(d, "run", where, default=0),
+            epoch=_int(d, "epoch", where, default=0),
+            step=_int(d, "step", where, default=0),
+            time=time_,  # type: ignore[arg-type]
+            metrics=metrics,
+        )
+
+
 @dataclass
 class Manifest:
     series: dict[str, SeriesState] = field(default_factory=dict)
@@ -431,9 +476,21 @@ class Manifest:
     seq: int = 0  # the last commit number handed out
     intent: Intent | None = None
     deleting: list[str] = field(default_factory=list)
+    history: list[Save] = field(default_factory=list)  # every save, oldest first (capped)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KNOWN = ("format", "writer", "series", "checkpoints", "seq", "intent", "deleting")
+    _KNOWN = ("format", "writer", "series", "checkpoints", "seq", "intent", "deleting", "history")
+
+    def remember(self, record: Record) -> None:
+        """Add ``record``'s save to the history (a re-save of a name adds a new entry)."""
+        self.history = [*self.history, Save.of(record)][-HISTORY_MAX:]
+
+    def saves(self) -> list[Save]:
+        """Every save known, in commit order: the history, plus listed records it lacks (older
+        manifests, adopted checkpoints)."""
+        known = {(h.series, h.seq) for h in self.history}
+        extra = [Save.of(r) for r in self.checkpoints if (r.series, r.seq) not in known]
+        return sorted([*self.history, *extra], key=lambda h: h.seq)
 
     def records(self, series: str) -> list[Record]:
         """This series' records in commit order."""
@@ -458,6 +515,8 @@ class Manifest:
             d["intent"] = self.intent.to_json()
         if self.deleting:
             d["deleting"] = list(self.deleting)
+        if self.history:
+            d["history"] = [h.to_json() for h in self.history]
         return d
 
     @classmethod
@@ -491,9 +550,14 @@ class Manifest:
         for i, name in enumerate(deleting):
             _file_name(name, top.sub(f"deleting[{i}]"))
         intent = d.get("intent")
+        history = [
+            Save.from_json(h, top.sub(f"history[{i}]"))
+            for i, h in enumerate(_list(d.get("history") or [], top.sub("history")))
+        ]
         return cls(
             series=series,
             checkpoints=records,
+            history=history,
             seq=_int(d, "seq", top, default=0),
             intent=None if intent is None else Intent.from_json(intent, top.sub("intent")),
             deleting=list(deleting),

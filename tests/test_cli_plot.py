@@ -48,11 +48,12 @@ def test_plot_marks_every_save_each_run_the_kept_and_the_best(torch_run):
     assert loss_ax.get_xlabel() == "epoch"
     runs = by_gid(metric_ax, "saves")
     assert [line.get_label() for line in runs] == ["run 1", "run 2"]  # the restart is its own line
-    # Every listed save is a marker, at (epoch, val_loss) as training logged them.
-    expected = {(r.epoch, r.metrics["val_loss"]) for r in m.checkpoints}
-    np.testing.assert_allclose(sorted(p for line in runs for p in points(line)), sorted(expected))
-    assert sum(len(points(line)) for line in runs) == len(m.checkpoints) == 3
-    assert points(runs[0]) == [(3.0, pytest.approx(0.7))]  # run 1 keeps its ck-03
+    # Every save is a marker, at (epoch, val_loss) as training logged them: also the ones whose
+    # files retention deleted (the manifest's history remembers them).
+    expected = sorted((h.epoch, h.metrics["val_loss"]) for h in m.history)
+    np.testing.assert_allclose(sorted(p for line in runs for p in points(line)), expected)
+    assert sum(len(points(line)) for line in runs) == len(m.history) > len(m.checkpoints) == 3
+    assert [p[0] for p in points(runs[0])] == [h.epoch for h in m.history if h.run == 1]
     (kept,) = by_gid(metric_ax, "kept")
     assert len(points(kept)) == sum(1 for r in m.checkpoints if r.kept)
     (best,) = by_gid(metric_ax, "best")
@@ -87,7 +88,11 @@ def test_plot_tf_manager_uses_steps(tmp_path):
     fig = _plot.figure(mf.load(str(tmp_path)))
     assert fig.axes[-1].get_xlabel() == "step"
     (line,) = by_gid(fig.axes[0], "saves")
-    assert [p[0] for p in points(line)] == [2.0, 4.0, 5.0]
+    m = mf.load(str(tmp_path))
+    # Every save, the rotated-out ones too; the three still listed are circled.
+    assert [p[0] for p in points(line)] == [float(h.step) for h in m.history] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    (kept,) = by_gid(fig.axes[0], "kept")
+    assert sorted(p[0] for p in points(kept)) == [2.0, 4.0, 5.0]
     (best,) = by_gid(fig.axes[0], "best")
     assert points(best) == [(2.0, pytest.approx(0.4))]
 

@@ -394,3 +394,24 @@ def test_series_names_must_be_templates_inside_the_directory(name):
     d["series"] = name
     with pytest.raises(ManifestError, match=r"checkpoints\[0\] \('ck-001'\)\.series"):
         mf.parse(json.dumps({"format": 1, "checkpoints": [d]}).encode(), "cp.json")
+
+
+def test_the_save_history_outlives_retention_and_is_capped():
+    m = Manifest()
+    for i in range(1, mf.HISTORY_MAX + 6):
+        m.remember(record(f"ck-{i:05d}", seq=i, epoch=i, metrics={"val_loss": 1.0 / i}))
+    assert len(m.history) == mf.HISTORY_MAX and m.history[0].seq == 6  # the oldest go first
+    back = roundtrip(m)
+    assert back.history == m.history
+    assert back.saves() == m.history  # nothing listed: the history is every save known
+    listed = record("ck-99999", seq=99999)
+    back.checkpoints = [listed]  # a listed record the history lacks (an older manifest)
+    assert back.saves()[-1].name == "ck-99999"
+
+
+def test_history_entries_are_checked_like_records():
+    bad = {"format": 1, "history": [{"name": "a", "series": "../x", "seq": 1}]}
+    with pytest.raises(ManifestError, match=r"history\[0\]\.series"):
+        mf.parse(json.dumps(bad).encode(), "cp.json")
+    with pytest.raises(ManifestError, match=r"history\[0\]\.epoch: must be an integer"):
+        mf.parse(json.dumps({"format": 1, "history": [{"name": "a", "epoch": "x"}]}).encode(), "cp.json")
