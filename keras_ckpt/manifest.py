@@ -11,7 +11,9 @@ Schema (format 1) is the one in DESIGN.md, plus what the write-ahead commit need
 - ``intent``: the one commit in flight (the incoming record, its temporaries, the records it
   drops), written before anything becomes visible, so a crash at any instant is finished or
   rolled back at the next open;
-- ``deleting``: files the last commit dropped, deleted after it (again at the next open).
+- ``deleting``: files the last commit dropped, deleted after it (again at the next open);
+- ``history``: the last ``HISTORY_MAX`` saves (name, series, seq, run, epoch, step, time,
+  metrics), also those whose files retention deleted, for ``keras-ckpt plot``.
 
 The manifest is untrusted input: every field is checked on load, every path must be a plain
 file name inside the directory, and errors name the file, the record and the field. Readers
