@@ -1,15 +1,20 @@
 # Two entry points for a fresh machine (Python 3.11):
 #   make demo  - create .venv, train the Keras example, interrupt it, resume it, list the checkpoints
-#   make test  - create .venv and .venv-tf215, run the whole test suite in both
+#   make test  - create .venv, .venv-tf215 and .venv-jax, run the whole test suite in them
 PYTHON ?= python3
 VENV ?= .venv
 VENV_TF215 ?= .venv-tf215
+VENV_JAX ?= .venv-jax
 # Exact pins for the test environments: torch==2.13.0 has a CPU wheel on these machines (an open
 # range would pull a multi-GB CUDA build), and tensorflow-cpu must never meet `tensorflow`.
 MAIN_PINS = tensorflow-cpu==2.21.0 torch==2.13.0 "keras>=3.15,<3.16" "h5py<3.15"
 TF215_PINS = tensorflow==2.15.1 tensorflow-estimator==2.15.0 keras==2.15.0
+# The Keras front-end on the jax backend, with neither TensorFlow nor torch installed.
+JAX_PINS = "jax[cpu]==0.10.2" "keras>=3.15,<3.16" "h5py<3.15"
+KERAS_TESTS = tests/test_keras.py tests/test_kerasio.py tests/test_keras_peer.py \
+	tests/test_compat_keras.py tests/test_keras_crash.py
 
-.PHONY: demo test test-main test-estimator lint clean
+.PHONY: demo test test-main test-estimator test-jax lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +28,15 @@ $(VENV_TF215)/.installed: pyproject.toml
 	$(VENV_TF215)/bin/pip install --quiet $(TF215_PINS) "pytest>=7" "scikit-learn>=1.3" -e .
 	touch $@
 
+$(VENV_JAX)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_JAX)
+	$(VENV_JAX)/bin/pip install --quiet --upgrade pip
+	$(VENV_JAX)/bin/pip install --quiet $(JAX_PINS) -e ".[keras,dev]"
+	@# The point of this environment: nothing may pull TensorFlow or torch in behind our back.
+	$(VENV_JAX)/bin/python -c "import importlib.util as u, sys; \
+		sys.exit([m for m in ('tensorflow', 'torch') if u.find_spec(m)] or None)"
+	touch $@
+
 demo: $(VENV)/.installed
 	rm -rf runs/demo
 	@echo "== run 1: 6 epochs requested, preempted after epoch 3"
@@ -33,7 +47,7 @@ demo: $(VENV)/.installed
 	@echo "== what is kept"
 	$(VENV)/bin/keras-ckpt ls runs/demo
 
-test: test-main test-estimator
+test: test-main test-estimator test-jax
 
 test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m "not estimator" tests
@@ -41,8 +55,11 @@ test-main: $(VENV)/.installed
 test-estimator: $(VENV_TF215)/.installed
 	$(VENV_TF215)/bin/python -m pytest -q -m estimator -p no:cacheprovider tests/test_estimator.py
 
+test-jax: $(VENV_JAX)/.installed
+	KERAS_BACKEND=jax $(VENV_JAX)/bin/python -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check keras_ckpt tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) $(VENV_TF215) runs
+	rm -rf $(VENV) $(VENV_TF215) $(VENV_JAX) runs

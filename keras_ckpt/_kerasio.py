@@ -196,8 +196,10 @@ def _to_host(value: Any) -> np.ndarray:
     """A variable's value as a NumPy array, without copying where the backend allows.
 
     Keras's ``convert_to_numpy`` is ``np.array(tf_variable)`` on TensorFlow: two full copies of
-    every variable, slower than writing the bytes to disk. A read of a TF resource variable
-    aliases its buffer, and a CPU torch tensor shares memory with ``.numpy()``.
+    every variable, slower than writing the bytes to disk; on JAX it is ``np.array`` too, one
+    copy. A read of a TF resource variable aliases its buffer, a CPU torch tensor shares memory
+    with ``.numpy()``, and ``np.asarray`` of a CPU JAX array is a read-only view of its buffer
+    (bfloat16 included, through ml_dtypes; off the CPU it is the one device-to-host copy).
     """
     if isinstance(value, np.ndarray):
         return _c_order(value)  # Keras's convert_to_numpy would copy it once more
@@ -211,6 +213,8 @@ def _to_host(value: Any) -> np.ndarray:
         # numpy has no bfloat16: that case keeps Keras's conversion (via float32).
         if backend == "torch" and value.dtype != "bfloat16":
             return _c_order(tensor.detach().cpu().numpy())
+        if backend == "jax":
+            return _c_order(np.asarray(tensor))
     return _c_order(keras.ops.convert_to_numpy(value))
 
 

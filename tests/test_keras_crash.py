@@ -31,7 +31,7 @@ def _committed(directory) -> int:
 def test_kill_9_during_per_batch_saves_then_resume(tmp_path, template):
     d = tmp_path / "run"
     rnd = random.Random(template)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")  # KERAS_BACKEND: conftest.py's default or the CI's
     kills = 0
     for _ in range(4):
         proc = subprocess.Popen(

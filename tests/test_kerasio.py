@@ -1,7 +1,7 @@
 """keras_ckpt._kerasio: the fast .keras / .weights.h5 writers, the embedded state, loading.
 
-The Keras tests run in this process's backend; ``test_other_backend`` reruns this file under the
-other backend in a subprocess, since Keras picks its backend once per process.
+The Keras tests run in this process's backend; ``test_other_backend`` reruns this file under each
+other installed backend in a subprocess, since Keras picks its backend once per process.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ h5py = pytest.importorskip("h5py")
 
 from keras_ckpt import _kerasio, _zip  # noqa: E402
 
-BACKENDS = ("tensorflow", "torch")
+BACKENDS = ("tensorflow", "torch", "jax")
 INNER = "KERAS_CKPT_KERASIO_INNER"  # set in the subprocess so it does not recurse
 KINDS = ("nested_sequential", "functional_dropout")
 BIG_STATE = json.dumps({"epoch": 3, "rng": "x" * 100_000}).encode()  # over the planning threshold
