@@ -3,6 +3,7 @@
     python tests/preempt_job.py keras DIR [--pace MARKER] [--log FILE] [--user-handler FILE] ...
     python tests/preempt_job.py torch DIR [--pace MARKER] [--log FILE] [--dump FILE] [--resume] ...
     python tests/preempt_job.py mts DIR [--pace MARKER] [--log FILE] --last-step N
+    python tests/preempt_job.py estimator DIR ...   (TF <= 2.15 with tensorflow-estimator)
 
 ``--pace MARKER``: once the job is in the middle of an epoch (the second epoch; global step 15
 for ``mts``), it writes MARKER and from then on sleeps between batches, so a signal sent after
@@ -198,9 +199,55 @@ def mts_job(args: argparse.Namespace) -> dict:
     return {"first_step": pace.first, "preempted": hook.preempted}
 
 
+def estimator_job(args: argparse.Namespace) -> dict:
+    """tf.estimator (TF <= 2.15): the same graph as ``mts``, trained with Estimator.train."""
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_ckpt.estimator import CheckpointHook
+
+    def model_fn(features, labels, mode):
+        gs = tf.compat.v1.train.get_global_step()
+        w = tf.compat.v1.get_variable("w", [3, 1])
+        loss = tf.identity(tf.reduce_mean((tf.matmul(features, w) - labels) ** 2), name="loss")
+        train_op = tf.compat.v1.train.AdamOptimizer(0.01).minimize(loss, global_step=gs)
+        return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op)
+
+    def input_fn():
+        x = np.random.RandomState(0).randn(64, 3).astype("float32")
+        y = x @ np.array([[1.0], [-2.0], [0.5]], dtype="float32")
+        return tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(8)
+
+    class Pace(tf.compat.v1.train.SessionRunHook):
+        paced = False
+        first: int | None = None
+
+        def begin(self):
+            self.gs = tf.compat.v1.train.get_global_step()
+
+        def after_create_session(self, session, coord):
+            self.first = int(session.run(self.gs))
+
+        def after_run(self, run_context, run_values):
+            step = int(run_context.session.run(self.gs))
+            _append(args.log, str(step))
+            if args.pace and step == 15:
+                _touch(args.pace)
+                self.paced = True
+            if self.paced:
+                time.sleep(PACE_S)
+
+    hook = CheckpointHook(args.dir, save_steps=10, max_to_keep=3, monitor="loss",
+                          save_on_preemption=_signals(args.signals))
+    pace = Pace()
+    estimator = tf.estimator.Estimator(model_fn, model_dir=args.dir)
+    estimator.train(input_fn, max_steps=args.last_step, hooks=[pace, hook])
+    return {"first_step": pace.first, "preempted": hook.preempted}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["keras", "torch", "mts"])
+    ap.add_argument("kind", choices=["keras", "torch", "mts", "estimator"])
     ap.add_argument("dir")
     ap.add_argument("--pace")
     ap.add_argument("--log")
@@ -219,7 +266,7 @@ def main() -> None:
         with tf.Graph().as_default():
             report = mts_job(args)
     else:
-        report = {"keras": keras_job, "torch": torch_job}[args.kind](args)
+        report = {"keras": keras_job, "torch": torch_job, "estimator": estimator_job}[args.kind](args)
     print(json.dumps(report), flush=True)
 
 

@@ -8,6 +8,7 @@ default action has ``returncode == -signum`` in ``subprocess`` (a shell reports 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -18,7 +19,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from keras_ckpt import manifest as mf
 from keras_ckpt.engine import verify
@@ -148,10 +148,14 @@ def test_keras_users_own_handler_runs_after_the_save(tmp_path):
 
 
 def _state(path) -> dict:
+    import torch
+
     return torch.load(path, weights_only=True)
 
 
 def _assert_bitwise_equal(a, b, where: str = "") -> None:
+    import torch
+
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
     elif isinstance(a, dict):
@@ -225,11 +229,24 @@ def test_tf_hook_sigterm_saves_the_current_step_and_resumes_from_it(tmp_path):
     assert report["first_step"] == record.step
 
 
+@pytest.mark.estimator
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow_estimator") is None,
+                    reason="tf.estimator needs TensorFlow <= 2.15 with tensorflow-estimator")
+def test_estimator_sigterm_saves_the_current_step_and_resumes_from_it(tmp_path):
+    d, env = tmp_path / "run", _env()
+    code, err, steps = _signalled(["estimator", d], env, tmp_path, signal.SIGTERM)
+    assert code == -signal.SIGTERM, err[-3000:]
+    record = _newest(d)
+    assert record.step == steps[-1] >= 15 and record.step % 10
+    assert _report(_run(["estimator", d], env))["first_step"] == record.step
+
+
 # -- in-process: what is installed when ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("value", ["yes", 1, (), ("SIGTERM",), (signal.SIGKILL,), (999,), [15]])
 def test_invalid_save_on_preemption_is_a_value_error_naming_it(tmp_path, value):
+    torch = pytest.importorskip("torch")
     from keras_ckpt.torch import ModelCheckpoint
 
     with pytest.raises(ValueError, match="save_on_preemption"):
@@ -308,6 +325,7 @@ def test_keras_fit_that_raises_leaves_no_handler_swallowing_signals(tmp_path, us
 
 
 def test_torch_shim_outside_the_main_thread_installs_nothing(tmp_path):
+    torch = pytest.importorskip("torch")
     from keras_ckpt.torch import ModelCheckpoint
 
     ckpt = ModelCheckpoint(str(tmp_path / "c-{epoch}.pt"), model=torch.nn.Linear(1, 1),
