@@ -27,6 +27,7 @@ from keras_ckpt.policy import (
     score,
     undecidable_mode,
 )
+from keras_ckpt.preemption import PreemptionGuard
 
 STATE_FORMAT = 1
 
@@ -86,6 +87,8 @@ class Checkpointer:
         self._batches_since_save = 0
         self._last_batch_seen: int | None = None
         self._last_save = time.monotonic()
+        # save_on_preemption: installed by the front-end at train begin, acted on at batch ends.
+        self.preemption = PreemptionGuard(config.preemption_signals)
 
     # -- what the front-ends expose ------------------------------------------------------------
 
@@ -169,8 +172,16 @@ class Checkpointer:
         return path
 
     def end(self) -> None:
-        """Training ended (or failed): let other processes write this directory again."""
+        """Training ended (or failed): let other processes write this directory again, and
+        put back the signal handlers ``save_on_preemption`` replaced (a signal that arrived is
+        kept for :meth:`PreemptionGuard.redeliver`)."""
+        self.preemption.restore()
         self.engine.close()
+
+    def saved_current_step(self) -> bool:
+        """Whether the newest committed checkpoint holds the current step (nothing to add)."""
+        records = self.engine.records
+        return bool(records) and records[-1].step == self.step
 
     def _warn_earlier_run(self) -> None:
         """A new run into a series with checkpoints, without resume: usually a forgotten flag."""
@@ -384,3 +395,8 @@ class CheckpointAttributes:
     def restored_path(self) -> str | None:
         """The file ``on_train_begin`` restored from, or None."""
         return self._core.restored_path
+
+    @property
+    def preempted(self) -> bool:
+        """Whether the last training run saved and stopped for a preemption signal."""
+        return self._core.preemption.preempted

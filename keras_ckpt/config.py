@@ -28,6 +28,7 @@ from keras_ckpt.policy import (
     resolve_preset,
     validate_positive_number,
 )
+from keras_ckpt.preemption import signals_from
 
 _TEMPLATE = re.compile(r"\{(epoch|batch)(?:[:!][^}]*)?\}")
 _PLACEHOLDER_NAMES = ("epoch", "batch")
@@ -118,7 +119,8 @@ class CheckpointConfig:
     """The validated public arguments of a ``ModelCheckpoint`` (see DESIGN.md's API section).
 
     ``policy`` and ``schedule`` are derived: the retention policy (presets filled in, ``mode``
-    resolved from the monitor's name where it tells) and when to save.
+    resolved from the monitor's name where it tells) and when to save; ``preemption_signals``
+    the signals ``save_on_preemption`` handles (empty when False).
 
     Args:
         owner: the front-end's class name, for Keras's warning texts.
@@ -138,8 +140,10 @@ class CheckpointConfig:
     save_every_n_seconds: Any = UNSET
     resume: bool | str = False
     preset: str | None = None
+    save_on_preemption: Any = True
     owner: str = "ModelCheckpoint"
     policy: RetentionPolicy = field(init=False, repr=False)
+    preemption_signals: tuple = field(init=False, repr=False)
     schedule: SaveSchedule = field(init=False, repr=False)
 
     @classmethod
@@ -191,6 +195,7 @@ class CheckpointConfig:
         if not isinstance(resume, bool):
             set_(self, "resume", os.fspath(resume))
             check_resume_path(self.resume)  # type: ignore[arg-type]
+        set_(self, "preemption_signals", signals_from(self.save_on_preemption))
         self._derive()
 
     def _derive(self) -> None:

@@ -7,6 +7,7 @@ Runs on TF <= 2.15 with tensorflow-estimator (Keras 2 or none), and with
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from keras_ckpt._tfcommon import (
 from keras_ckpt.checkpointer import scalar_logs
 from keras_ckpt.manifest import Record
 from keras_ckpt.policy import validate_count, validate_positive_number
+from keras_ckpt.preemption import PreemptionGuard, signals_from
 
 _REDUCTIONS = ("mean", "last", "report")
 _FOREIGN_HINT = (
@@ -153,12 +155,24 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
             On other tasks the hook does nothing.
         checkpoint_basename: the prefix base name (TF's default ``model.ckpt``).
         listeners: ``tf.compat.v1.train.CheckpointSaverListener`` objects called around saves.
+        save_on_preemption: ``True`` (the default): SIGTERM or SIGUSR1 (what Kubernetes, spot
+            VMs and SLURM send before they kill a job) makes the hook save after the step in
+            progress (even if none is due) and request a stop; in ``end()`` the handlers
+            installed before are restored and the signal is re-delivered to them: the default
+            action ends the process with status 143 for SIGTERM (138 for SIGUSR1), your own
+            handler runs. The handler only sets a flag, so a signal during a save never
+            interrupts it. Installed in ``begin()``, from the main thread only, on the chief.
+            A session that fails skips ``end()``: a later signal then finds the training call
+            (``Estimator.train``, or the code that opened the session) gone and is re-delivered
+            at once. A tuple of signals replaces the default pair; ``False`` leaves signal
+            handling alone.
 
     Attributes:
         records: this directory's manifest records of the series, oldest first.
         best: the best monitored value so far (None before one is known).
         best_checkpoint: the prefix of the best checkpoint, or None.
         latest_checkpoint: the prefix of the newest checkpoint, or None.
+        preempted: whether the last session saved and stopped for a preemption signal.
     """
 
     def __init__(
@@ -176,6 +190,7 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
         is_chief: bool | None = None,
         checkpoint_basename: str = "model.ckpt",
         listeners: Sequence[tf.compat.v1.train.CheckpointSaverListener] | None = None,
+        save_on_preemption: bool | tuple = True,
     ) -> None:
         if (save_steps is None) == (save_secs is None):
             raise ValueError(
@@ -189,6 +204,7 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
         if is_chief is not None and not isinstance(is_chief, bool):
             raise TypeError(f"is_chief must be True, False or None. Received: is_chief={is_chief!r}")
         listeners = _validate_listeners(listeners)
+        self._preemption = PreemptionGuard(signals_from(save_on_preemption))
         if not isinstance(monitor_reduce, str) or monitor_reduce not in _REDUCTIONS:
             raise ValueError(
                 f"monitor_reduce must be one of {list(_REDUCTIONS)}. "
@@ -255,6 +271,11 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
         records = self._series.engine.records
         return self._series.prefix(records[-1] if records else None)
 
+    @property
+    def preempted(self) -> bool:
+        """Whether the last session saved and stopped for a preemption signal."""
+        return self._preemption.preempted
+
     def _set_steps_per_run(self, steps_per_run: int) -> None:
         # TPUEstimator calls this private CheckpointSaverHook method (keras_ckpt/_compat.py).
         self._steps_per_run = steps_per_run
@@ -277,6 +298,12 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
         self._offered = self._series.open()
         for listener in self._listeners:
             listener.begin()
+        # Estimator.train's frame (the outermost estimator one), else the caller that opens the
+        # MonitoredTrainingSession and runs its loop: while it runs, the session trains.
+        self._preemption.install(
+            inspect.currentframe(), through=("tensorflow", "tensorflow_estimator"),
+            loop=("tensorflow_estimator",),
+        )
 
     def after_create_session(self, session: tf.compat.v1.Session, coord: Any) -> None:
         if not self._is_chief:
@@ -315,7 +342,14 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
             self._sum, self._count, self._last = self._sum + value, self._count + 1, value
         # The fetched step is the value before this step's increment; read the real one, as TF's
         # CheckpointSaverHook does, only when a save may be due.
-        if self._timer.should_trigger_for_step(results["step"] + self._steps_per_run):
+        if self._preemption.requested:
+            step = int(run_context.session.run(self._global_step))
+            if step != self._timer.last_triggered_step():
+                self._timer.update_last_triggered_step(step)
+                self._save(run_context.session, step)
+            self._preemption.preempted = True
+            run_context.request_stop()
+        elif self._timer.should_trigger_for_step(results["step"] + self._steps_per_run):
             step = int(run_context.session.run(self._global_step))
             if self._timer.should_trigger_for_step(step):
                 self._timer.update_last_triggered_step(step)
@@ -331,6 +365,9 @@ class CheckpointHook(SeriesAttributes, tf.compat.v1.train.CheckpointSaverHook):
         for listener in self._listeners:
             listener.end(session, step)
         self._series.engine.close()  # another process may write here between train() calls
+        if self._preemption.received:  # handled in after_run, or it came after the last step
+            self._preemption.preempted = True
+        self._preemption.redeliver()
 
     # -- metrics from evaluation --------------------------------------------------------------
 

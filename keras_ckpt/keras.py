@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import os
 import types
@@ -66,6 +67,23 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         preset: ``"short"`` (keep latest 1 + best 1), ``"normal"`` (latest 10 + best 1) or
             ``"long"`` (save every 5 epochs or hourly, keep latest 20 + best 3 + one per day);
             it fills in only the arguments you did not pass.
+        save_on_preemption: ``True`` (the default): during ``fit``, SIGTERM or SIGUSR1 (what
+            Kubernetes, spot VMs and SLURM send before they kill a job) makes the callback save
+            a checkpoint at the next batch end, named and resumable like a mid-epoch save (even
+            if none is due; ``save_best_only`` still applies), and stop training; when ``fit``
+            returns (``on_train_end``) the handlers installed before are restored and the signal
+            is re-delivered to them: the default action ends the process with status 143 for
+            SIGTERM (138 for SIGUSR1), and your own handler, if you installed one, runs. The
+            handler only sets a flag, so a signal during a save never interrupts it; at most the
+            batch in progress is lost. A tuple of signals replaces the default pair; ``False``
+            leaves signal handling alone. Handlers are installed in ``on_train_begin`` from the
+            main thread only (elsewhere nothing is installed). If ``fit`` raises (no
+            ``on_train_end``), the handler notices when a signal comes that ``fit`` is no longer
+            running and re-delivers it at once; the next ``on_train_begin`` restores the previous
+            handlers first. Put this callback last in ``callbacks`` if the others need their
+            ``on_train_end`` too: the default action of the signal ends the process in ours.
+            ``preempted`` tells whether it happened. A run resumed from that checkpoint starts
+            the interrupted epoch again at batch 0 (Keras cannot skip batches yet).
     """
 
     def __init__(
@@ -87,6 +105,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         save_optimizer: bool = True,
         resume: bool | str | os.PathLike = False,
         preset: str | None = None,
+        save_on_preemption: bool | tuple = True,
     ) -> None:
         filepath = check_filepath(filepath)  # Keras's base class would fail on ``filepath.endswith``
         # Before Keras's base class: it takes any truthy value as True and then blames filepath.
@@ -114,9 +133,10 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         config = CheckpointConfig.from_arguments(locals(), mode=self.mode, owner=type(self).__name__)
         self._core = Checkpointer(config, framework="keras", print_fn=_print_msg)
         self._resume_pending = resume is not False
-        if not self._core.needs_batch_events:
+        if not self._core.needs_batch_events and not config.preemption_signals:
             # Without a batch hook Keras may dispatch batch callbacks asynchronously, so steps
-            # that do not save cost nothing (stock ModelCheckpoint always defines one).
+            # that do not save cost nothing (stock ModelCheckpoint always defines one). The
+            # preemption save needs it: it must run on the training thread between two batches.
             self.on_train_batch_end = types.MethodType(
                 keras.callbacks.Callback.on_train_batch_end, self
             )
@@ -149,6 +169,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             except BaseException:
                 self._core.end()
                 raise
+        # The loop frame is fit's (the outermost Keras frame): once it is gone, fit has ended.
+        self._core.preemption.install(inspect.currentframe(), through=("keras",), loop=("keras",))
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._current_epoch = epoch
@@ -158,17 +180,39 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         self._core.on_epoch_begin(epoch)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._core.batch_due(batch):
+        due = self._core.needs_batch_events and self._core.batch_due(batch)
+        preempt = self._core.preemption.requested
+        if due or preempt:
             self._save(self._current_epoch, batch, logs)
+        if preempt:
+            self._stop_for_preemption()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self._core.epoch_due(epoch):
+        if self._core.preemption.preempted:
+            return  # stopped mid-epoch: this epoch is not done, and its state is saved
+        due = self._core.epoch_due(epoch)
+        preempt = self._core.preemption.requested
+        if due or preempt:
             self._save(epoch, None, logs)
+        if preempt:
+            self._stop_for_preemption()
 
     def on_train_end(self, logs: dict | None = None) -> None:
         # Also here: a resume that left no epoch to train never reaches on_epoch_begin.
         self._clear_initial_epoch()
+        guard = self._core.preemption
+        if guard.requested:  # the signal came after the last epoch end's save decision
+            self._core.step = self._iterations()
+            if not self._core.saved_current_step():
+                self._save(max(self._core.epochs_done - 1, 0), None, logs)
+            guard.preempted = True
         self._core.end()
+        if guard.preempted:
+            guard.redeliver()
+
+    def _stop_for_preemption(self) -> None:
+        self._core.preemption.preempted = True
+        self.model.stop_training = True
 
     def _clear_initial_epoch(self) -> None:
         # Keras reads ``_initial_epoch`` in every fit(): left set, the next fit would skip epochs.

@@ -18,6 +18,7 @@ nor Keras.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import pickle
 import random
@@ -119,6 +120,20 @@ class ModelCheckpoint(CheckpointAttributes):
             a warning if `filepath` already has checkpoints from an earlier run (they stay in
             its rotation and best-N).
         preset: `"short"`, `"normal"` or `"long"`; fills in only the arguments not passed.
+        save_on_preemption: `True` (the default): between `on_train_begin` and `on_train_end`,
+            SIGTERM or SIGUSR1 (what Kubernetes, spot VMs and SLURM send before they kill a
+            job) makes the next `on_train_batch_end` (or `on_epoch_end`) save a checkpoint,
+            named and resumable like a mid-epoch save (`start_batch`), even if none is due
+            (`save_best_only` still applies); right after it the handlers installed before are
+            restored and the signal is re-delivered to them: the default action ends the
+            process with status 143 for SIGTERM (138 for SIGUSR1), your own handler runs
+            (raise `SystemExit` there, or check `preempted` in your loop, to stop training).
+            The handler only sets a flag, so a signal during a save never interrupts it; at
+            most the batch in progress is lost. A tuple of signals replaces the default pair;
+            `False` leaves signal handling alone. Installed from the main thread only. If the
+            loop raises before `on_train_end`, a later signal finds the function that called
+            `on_train_begin` gone and is re-delivered at once; the next `on_train_begin`
+            restores the previous handlers first.
         strict: whether model keys missing from or unexpected in a checkpoint, and objects
             given here (`optimizer`, `scheduler`, `extra` entries) that it holds no state for,
             are errors (True) or warnings (False). Shapes and dtypes are checked either way;
@@ -146,6 +161,7 @@ class ModelCheckpoint(CheckpointAttributes):
         save_every_n_seconds: float | None = UNSET,
         resume: bool | str | os.PathLike = False,
         preset: str | None = None,
+        save_on_preemption: bool | tuple = True,
         strict: bool = True,
     ) -> None:
         path = check_filepath(filepath)
@@ -210,6 +226,8 @@ class ModelCheckpoint(CheckpointAttributes):
             except BaseException:
                 self._core.end()  # nothing was trained: leave the directory to other writers
                 raise
+        # The loop frame is the caller's: once it has returned or raised, training is over.
+        self._core.preemption.install(inspect.currentframe())
         self._next_epoch = self._core.epochs_done
         return self._core.epochs_done
 
@@ -222,14 +240,17 @@ class ModelCheckpoint(CheckpointAttributes):
         """
         self._counts_batches = True
         self._core.step += 1
-        if not self._core.needs_batch_events:
-            return
-        # One call is one batch whatever the user's indices (a resumed epoch starts at
-        # start_batch): the core counts calls, numbered from 0 in each epoch.
-        due = self._core.batch_due(self._batch_calls)
-        self._batch_calls += 1
-        if due:
+        due = False
+        if self._core.needs_batch_events:
+            # One call is one batch whatever the user's indices (a resumed epoch starts at
+            # start_batch): the core counts calls, numbered from 0 in each epoch.
+            due = self._core.batch_due(self._batch_calls)
+            self._batch_calls += 1
+        preempt = self._core.preemption.requested
+        if due or preempt:
             self._save(self._core.epochs_done, batch, logs)
+        if preempt:
+            self._preempted()
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Save if due (every epoch by default). Call it after `scheduler.step()`.
@@ -249,8 +270,17 @@ class ModelCheckpoint(CheckpointAttributes):
             steps = _optimizer_steps(self.optimizer)
             if steps is not None:
                 self._core.step = steps
-        if self._core.epoch_due(epoch):
+        due = self._core.epoch_due(epoch)
+        preempt = self._core.preemption.requested
+        if due or preempt:
             self._save(epoch, None, logs)
+        if preempt:
+            self._preempted()
+
+    def _preempted(self) -> None:
+        """Saved for a signal: hand it to the handler that was there before ours."""
+        self._core.preemption.preempted = True
+        self._core.preemption.redeliver()
 
     def _check_epoch(self, epoch: int) -> None:
         """Warn (once per run) when ``epoch`` does not follow the numbering on_train_begin set."""
@@ -271,7 +301,14 @@ class ModelCheckpoint(CheckpointAttributes):
     def on_train_end(self) -> None:
         """End of training: every due checkpoint is committed already (saves are synchronous);
         the directory is released, so another process may write to it."""
+        guard = self._core.preemption
+        if guard.requested:  # the signal came after the last epoch end
+            if not self._core.saved_current_step():
+                self._save(max(self._core.epochs_done - 1, 0), None, None)
+            guard.preempted = True
         self._core.end()
+        if guard.preempted:
+            guard.redeliver()
 
     # -- restoring ----------------------------------------------------------------------------
 
