@@ -53,7 +53,8 @@ test-main: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -m "not estimator" tests
 
 test-estimator: $(VENV_TF215)/.installed
-	$(VENV_TF215)/bin/python -m pytest -q -m estimator -p no:cacheprovider tests/test_estimator.py tests/test_docs.py
+	$(VENV_TF215)/bin/python -m pytest -q -m estimator -p no:cacheprovider tests/test_estimator.py tests/test_docs.py \
+		tests/test_preemption.py
 
 test-jax: $(VENV_JAX)/.installed
 	KERAS_BACKEND=jax $(VENV_JAX)/bin/python -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
