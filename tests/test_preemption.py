@@ -28,6 +28,20 @@ JOB = os.path.join(HERE, "preempt_job.py")
 TIMEOUT = 180
 
 
+@pytest.fixture(autouse=True)
+def _default_signal_handlers():
+    """Each test starts from the default SIGTERM/SIGUSR1 actions, whatever ran before in this
+    process (a test that began training and never ended it leaves its flag handler installed,
+    to be restored by the next train begin), and leaves them as it found them."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    for s in before:
+        signal.signal(s, signal.SIG_DFL)
+    yield
+    for s, handler in before.items():
+        if handler is not None:
+            signal.signal(s, handler)
+
+
 def _env(**extra: str) -> dict:
     root = os.path.dirname(HERE)
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
