@@ -133,7 +133,8 @@ def main() -> None:
               validation_split=0.1, callbacks=callbacks, verbose=0)
     _, acc = model.evaluate(x_test, y_test, verbose=0)
     best = "-" if ckpt.best is None else f"{ckpt.best:.4f}"
-    print(f"test accuracy {acc:.4f}; best val_accuracy {best} in {ckpt.best_path}")
+    where = os.path.basename(ckpt.best_path) if ckpt.best_path else "(not kept here)"
+    print(f"test accuracy {acc:.4f}; best val_accuracy {best} in {where}")
     cli.main(["ls", args.output])
 
 

@@ -5,14 +5,19 @@ recipe added to it saves ``{"epoch", "model_state_dict", "optimizer_state_dict"}
 loads ``start_epoch`` on restart and then loops over ``range(1, epochs + 1)`` anyway. Here
 keras_ckpt.torch.ModelCheckpoint saves the full state (model, Adadelta, StepLR, epoch, step,
 RNGs, the best-so-far), keeps the 3 newest checkpoints and the 2 best by validation accuracy,
-and the restarted run continues at the epoch ``on_train_begin()`` returns, with the same
-shuffling and dropout as an uninterrupted run.
+and a restarted job continues at the epoch ``on_train_begin()`` returns, with the same
+shuffling and dropout as an uninterrupted run. Run it as a scheduler would: it writes to
+``--output``, and the same command restarted after a preemption continues there; on SIGTERM the
+checkpoint is saved at the next batch end and the restarted job goes on from that batch
+(``ckpt.start_batch``; each epoch's order comes from its own seed, so it is the same). A later
+job of a chain starts from an earlier job's output with ``--resume-from`` (only read, so it may
+be mounted read-only) and writes its own ``--output``, which then holds that checkpoint too.
 
 Digits from scikit-learn by default (8x8 images, no download); real MNIST with ``--data DIR``
 (``mnist.npz`` or the four IDX files).
 
     python examples/pytorch_mnist_cnn.py --output runs/torch-demo --epochs 6 --stop-after-epoch 3
-    python examples/pytorch_mnist_cnn.py --output runs/torch-demo --epochs 6      # resumes at 4
+    python examples/pytorch_mnist_cnn.py --output runs/torch-demo --epochs 6      # continues at 4
     python examples/pytorch_mnist_cnn.py --output runs/fine-tune --resume-from runs/torch-demo
 """
 
@@ -159,7 +164,9 @@ def main() -> None:
     if preempted:  # end as the scheduler expects of a preempted job: by the signal
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.raise_signal(signal.SIGTERM)
-    print(f"best val_accuracy {ckpt.best:.4f} in {ckpt.best_path}")
+    best = "-" if ckpt.best is None else f"{ckpt.best:.4f}"
+    where = os.path.basename(ckpt.best_path) if ckpt.best_path else "(not kept here)"
+    print(f"best val_accuracy {best} in {where}")
     cli.main(["ls", args.output])
 
 

@@ -15,8 +15,12 @@ epoch's evaluation (``hook.report``), keeps the newest ``--max-to-keep`` checkpo
 ``--keep-best`` best by evaluation accuracy, and points TF's ``checkpoint`` file at the newest, so
 Estimator itself resumes from it (weights, Adam slots, global step). Running again with more
 ``--epochs`` continues; the best-N state lives in ``checkpoints.json`` and survives restarts.
+The same command restarted after a preemption (SIGTERM: the hook saves where training stopped)
+continues, evaluating first a checkpoint the job saved but did not get to evaluate.
 ``--resume-from`` starts a new output directory from a copy of an earlier one's checkpoints and
-never writes into that earlier directory (it may be read-only).
+never writes into that earlier directory (it may be read-only); it is ignored once the output
+has checkpoints of its own (a restarted job of a chain). Output: one line per epoch, then
+``keras-ckpt ls`` of the output directory.
 """
 
 from __future__ import annotations

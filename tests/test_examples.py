@@ -154,3 +154,38 @@ def test_preempted_restarted_and_chained_from_a_read_only_output(case, tmp_path)
     assert records[restored.name].step == restored.step
     assert [f.xxh3_128 for f in records[restored.name].files] == [f.xxh3_128 for f in restored.files]
     assert records[restored.name].metrics == pytest.approx(restored.metrics)
+
+
+def test_torch_sigterm_mid_epoch_resumes_exactly(tmp_path):
+    """A real SIGTERM in the middle of an epoch: the restarted job skips the batches trained
+    before it and ends with the same numbers as a job that was never interrupted."""
+    _torch()
+    script = os.path.join(EXAMPLES, "pytorch_mnist_cnn.py")
+    args = ["--device", "cpu", "--epochs", "3", "--batch-size", "8"]  # 180 batches an epoch
+    straight = _run("pytorch_mnist_cnn.py", *args, "--output", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "-u", script, *args, "--output", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/3"):
+            job.send_signal(signal.SIGTERM)  # epoch 2 has just begun
+    assert job.wait(timeout=300) == -signal.SIGTERM, job.stderr.read()[-3000:]
+    stopped = re.search(r"^epoch 2/3: SIGTERM after batch (\d+); saved ckpt-002\.pt, stopping$",
+                        "".join(lines), re.M)
+    assert stopped, "".join(lines)
+
+    resumed = _run("pytorch_mnist_cnn.py", *args, "--output", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    batch = int(stopped.group(1))
+    assert f"continuing at epoch 2 batch {batch + 1}" in resumed.stdout
+    assert _epochs(resumed.stdout) == [2, 3]
+
+    def metrics(stdout: str) -> list[str]:  # "epoch N/3: loss …, val_accuracy …" without "kept"
+        return [line.split(";")[0] for line in stdout.splitlines() if EPOCH.match(line)]
+
+    assert metrics(resumed.stdout) == metrics(straight.stdout)[1:]
