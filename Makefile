@@ -38,14 +38,18 @@ $(VENV_JAX)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	rm -rf runs/demo
-	@echo "== run 1: 6 epochs requested, preempted after epoch 3"
+	@# Job 2 leaves runs/demo read-only only while it runs; an interrupted demo may not undo it.
+	[ ! -d runs/demo ] || chmod -R u+w runs/demo
+	rm -rf runs/demo runs/demo-next
+	@echo "== job 1: 6 epochs, preempted (SIGTERM) after epoch 3"
 	$(VENV)/bin/python examples/keras_mnist_cnn.py --output runs/demo --epochs 6 --stop-after-epoch 3 \
-		|| echo "== run 1 died with exit code $$? (the simulated preemption)"
-	@echo "== run 2: same command with --resume: continues at epoch 4"
-	$(VENV)/bin/python examples/keras_mnist_cnn.py --output runs/demo --epochs 6 --resume
-	@echo "== what is kept"
-	$(VENV)/bin/keras-ckpt ls runs/demo
+		|| echo "== job 1 ended with exit status $$? (SIGTERM: the simulated preemption)"
+	@echo "== job 1 restarted by the scheduler with the same command: continues at epoch 4"
+	$(VENV)/bin/python examples/keras_mnist_cnn.py --output runs/demo --epochs 6 --stop-after-epoch 3
+	@echo "== job 2 of a chain: starts from runs/demo (made read-only), writes runs/demo-next"
+	chmod -R a-w runs/demo
+	$(VENV)/bin/python examples/keras_mnist_cnn.py --output runs/demo-next --epochs 8 \
+		--resume-from runs/demo; status=$$?; chmod -R u+w runs/demo; exit $$status
 
 test: test-main test-estimator test-jax
 

@@ -15,8 +15,12 @@ epoch's evaluation (``hook.report``), keeps the newest ``--max-to-keep`` checkpo
 ``--keep-best`` best by evaluation accuracy, and points TF's ``checkpoint`` file at the newest, so
 Estimator itself resumes from it (weights, Adam slots, global step). Running again with more
 ``--epochs`` continues; the best-N state lives in ``checkpoints.json`` and survives restarts.
+The same command restarted after a preemption (SIGTERM: the hook saves where training stopped)
+continues, evaluating first a checkpoint the job saved but did not get to evaluate.
 ``--resume-from`` starts a new output directory from a copy of an earlier one's checkpoints and
-never writes into that earlier directory (it may be read-only).
+never writes into that earlier directory (it may be read-only); it is ignored once the output
+has checkpoints of its own (a restarted job of a chain). Output: one line per epoch, then
+``keras-ckpt ls`` of the output directory.
 """
 
 from __future__ import annotations
@@ -24,16 +28,26 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
+import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before TensorFlow loads: its C++ start-up messages (level 3 also hides the harmless "Unable to
+# register cuDNN factory" errors of TF 2.15) would otherwise bury the one line per epoch.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _data  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_ckpt import manifest  # noqa: E402
+from keras_ckpt import cli, manifest  # noqa: E402
 from keras_ckpt.estimator import CheckpointHook  # noqa: E402
+
+# Estimator logs every step and session at INFO, and deprecation notices (Estimator, tf.layers:
+# this is the classic code on purpose) at WARNING; keras_ckpt's own warnings still show.
+tf.get_logger().setLevel("ERROR")
+warnings.filterwarnings("ignore", message=r"`tf\.layers\.", category=UserWarning)
 
 
 def cnn_model_fn(features, labels, mode, params):
@@ -61,8 +75,6 @@ def cnn_model_fn(features, labels, mode, params):
 
 def copy_checkpoints(source: str, output: str) -> None:
     """Start ``output`` from the checkpoints of ``source``, which is only read."""
-    if manifest.exists(output):
-        raise SystemExit(f"--output {output} already holds checkpoints; pass a new directory.")
     records = manifest.load(source).checkpoints
     if not records:
         raise SystemExit(f"--resume-from {source}: no keras_ckpt checkpoints there.")
@@ -86,13 +98,17 @@ def main() -> None:
     parser.add_argument("--keep-best", type=int, default=1)
     parser.add_argument("--dense-units", type=int, default=1024)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--stop-after-epoch", type=int, help="send this process SIGTERM once this "
+                        "epoch's checkpoint is saved, before its evaluation (a preemption)")
     args = parser.parse_args()
 
     (x_train, y_train), (x_test, y_test) = _data.load(args.data)
     x_train, x_test = x_train[..., None], x_test[..., None]  # a channel axis for conv2d
     steps_per_epoch = args.steps_per_epoch or max(1, len(x_train) // args.batch_size)
-    if args.resume_from:
+    # A restarted job (the same command) finds its own checkpoints and continues from them.
+    if args.resume_from and not manifest.exists(args.output):
         copy_checkpoints(args.resume_from, args.output)
+        print(f"copied the checkpoints of {args.resume_from} into {args.output}")
 
     def train_input_fn():
         data = tf.data.Dataset.from_tensor_slices((x_train, y_train))
@@ -107,8 +123,8 @@ def main() -> None:
         params={"dense_units": args.dense_units, "learning_rate": args.learning_rate},
         config=tf.estimator.RunConfig(tf_random_seed=0, log_step_count_steps=steps_per_epoch),
     )
-    # Saves at each epoch's end (and in end(), should training stop mid-epoch); each checkpoint
-    # waits, protected from rotation, for its evaluation.
+    # Saves at each epoch's end (and in end(), should training stop mid-epoch, e.g. on SIGTERM);
+    # each checkpoint waits, protected from rotation, for its evaluation.
     hook = CheckpointHook(
         args.output,
         save_steps=steps_per_epoch,
@@ -118,23 +134,37 @@ def main() -> None:
         monitor_reduce="report",
         mode="max",
     )
+
+    def unevaluated() -> bool:
+        """The newest checkpoint ends an epoch but has no evaluation: the job stopped between."""
+        latest = hook.records[-1] if hook.records else None
+        return (latest is not None and latest.step % steps_per_epoch == 0
+                and "accuracy" not in latest.metrics)
+
     step = hook.records[-1].step if hook.records else 0
     if step:
         print(f"resumed from {hook.latest_checkpoint} at global step {step}")
-    while step < args.epochs * steps_per_epoch:
-        # To the end of the current epoch (a run stopped mid-epoch saved where it stopped).
-        estimator.train(train_input_fn, steps=steps_per_epoch - step % steps_per_epoch, hooks=[hook])
+    while step < args.epochs * steps_per_epoch or unevaluated():
+        if not unevaluated():
+            # To the end of the current epoch (a run stopped mid-epoch saved where it stopped).
+            estimator.train(train_input_fn, steps=steps_per_epoch - step % steps_per_epoch,
+                            hooks=[hook])
+            step = hook.records[-1].step
+            if step // steps_per_epoch == args.stop_after_epoch:
+                print(f"epoch {step // steps_per_epoch}/{args.epochs}: global step {step}, saved "
+                      f"{hook.records[-1].name}; SIGTERM before its evaluation", flush=True)
+                signal.raise_signal(signal.SIGTERM)  # the hook is done: the default action
         results = estimator.evaluate(eval_input_fn)
         record = hook.report(results)
         step = int(results["global_step"])
         print(
             f"epoch {step // steps_per_epoch}/{args.epochs}: global step {step}, "
             f"eval accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f}, "
-            f"saved {record.name if record else '-'}"
+            f"saved {record.name if record else '-'}, kept {' '.join(r.name for r in hook.records)}",
+            flush=True,
         )
     print(f"best: {hook.best_checkpoint} (accuracy {hook.best})")
-    for r in hook.records:
-        print(f"  kept {r.name}: accuracy {r.metrics.get('accuracy')}, why: {', '.join(r.kept)}")
+    cli.main(["ls", args.output])
 
 
 if __name__ == "__main__":
