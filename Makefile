@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (Python 3.11):
-#   make demo  - create .venv, train the Keras example, interrupt it, resume it, list the checkpoints
+#   make demo  - create .venv, train the Keras example, preempt it (SIGTERM), rerun it (it resumes),
+#                chain a second job from its read-only output, list the checkpoints
 #   make test  - create .venv, .venv-tf215 and .venv-jax, run the whole test suite in them
 PYTHON ?= python3
 VENV ?= .venv
@@ -58,7 +59,7 @@ test-main: $(VENV)/.installed
 
 test-estimator: $(VENV_TF215)/.installed
 	$(VENV_TF215)/bin/python -m pytest -q -m estimator -p no:cacheprovider tests/test_estimator.py tests/test_docs.py \
-		tests/test_preemption.py
+		tests/test_preemption.py tests/test_examples.py
 
 test-jax: $(VENV_JAX)/.installed
 	KERAS_BACKEND=jax $(VENV_JAX)/bin/python -m pytest -q -p no:cacheprovider $(KERAS_TESTS)

@@ -214,13 +214,14 @@ class Checkpointer:
         self._running_epoch = self.epochs_done
         if state.get("rng"):
             rng.restore(state["rng"])
+        if self._import is not None:
+            # First: if the copied checkpoint is itself the best, it is the best here too.
+            self._import_restored(state)
         monitor_state = state.get("monitor") or {}
         if monitor_state.get("monitor") == self.monitor and monitor_state.get("mode") in (
             None, self.engine.policy.mode
         ):
             self.engine.adopt_best(monitor_state.get("best"))
-        if self._import is not None:
-            self._import_restored(state)
 
     def _import_restored(self, state: Mapping[str, Any]) -> None:
         """Copy the checkpoint restored from another directory into this series (job chains)."""

@@ -148,9 +148,17 @@ def test_resume_from_another_directory_copies_the_checkpoint_into_the_new_output
     path = ck.begin()
     ck.restored(path, {"epoch": 2, "step": 2, "monitor": {"monitor": "val_loss", "mode": "min", "best": 0.2}})
     ck.end()
-    # A job that then never improved still leaves a resumable output for the next job.
+    # Carried from an older checkpoint than the one restored: the value carries, no file here has it.
+    other = Checkpointer(str(tmp_path / "job2b" / "ck-{epoch}.bin"), framework="t",
+                         resume=str(src / "ck-2.bin"))
+    other.restored(other.begin(), {"epoch": 2, "step": 2, "monitor": {"monitor": "val_loss", "best": 0.1}})
+    other.end()
+    assert other.best == 0.1 and other.best_path is None
+    # A job that then never improved still leaves a resumable output for the next job, and the
+    # copied checkpoint, the best of job 1, is the best here too.
     assert names(tmp_path / "job2") == ["ck-2.bin"]
     assert (tmp_path / "job2" / "ck-2.bin").read_bytes() == (src / "ck-2.bin").read_bytes()
+    assert ck.best == 0.2 and os.path.basename(ck.best_path) == "ck-2.bin"
     job3 = Checkpointer(str(tmp_path / "job3" / "ck-{epoch}.bin"), framework="t",
                         resume=str(tmp_path / "job2"))
     assert job3.begin().endswith(os.path.join("job2", "ck-2.bin"))

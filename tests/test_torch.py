@@ -497,25 +497,6 @@ def test_exact_resume_on_cuda(tmp_path):
 # -- the example ----------------------------------------------------------------------------------
 
 
-def test_example_resumes_at_the_right_epoch(tmp_path):
-    pytest.importorskip("sklearn")
-    example = os.path.join(torch_job.HERE, os.pardir, "examples", "pytorch_mnist_cnn.py")
-
-    def run(*args):
-        return subprocess.run([sys.executable, example, "--output", str(tmp_path / "run"),
-                               "--epochs", "3", "--device", "cpu", *args],
-                              capture_output=True, text=True, timeout=300,
-                              env=torch_job.child_env())
-
-    first = run("--stop-after-epoch", "2")
-    assert first.returncode == 3, first.stderr
-    second = run()
-    assert second.returncode == 0, second.stderr
-    assert "continuing at epoch 3" in second.stdout
-    epochs = [line for line in second.stdout.splitlines() if line.startswith("Epoch ")]
-    assert len(epochs) == 1 and epochs[0].startswith("Epoch 3/3")
-
-
 # -- failures during a save -----------------------------------------------------------------------
 
 
