@@ -305,7 +305,8 @@ class Checkpointer:
                     return None
                 warnings.warn(f"{self.monitor} is NaN: this checkpoint is never ranked best.",
                               stacklevel=3)
-            else:  # Keras's text; like Keras it saves anyway
+            elif not self.preemption.requested:  # Keras's text; like Keras it saves anyway
+                # (A preemption save comes mid-epoch, where a validation metric cannot be.)
                 warnings.warn(f"Can save best model only with {self.monitor} available.",
                               stacklevel=3)
         elif self.save_best_only:
