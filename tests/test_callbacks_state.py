@@ -196,3 +196,65 @@ def test_a_checkpoint_without_a_callbacks_state_warns_and_starts_it_fresh(tmp_pa
         fit(tiny_model(), [keras_ckpt.ModelCheckpoint(path, resume=True), counter], 3)
     assert any("no state for callback(s) BatchCounter" in str(w.message) for w in caught)
     assert counter.batches == 4
+
+
+# -- the torch shim: the same through ``extra`` ---------------------------------------------------
+
+
+def test_torch_extra_round_trips_a_grad_scaler_an_ema_and_a_sampler(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from keras_ckpt.torch import ModelCheckpoint
+
+    class EpochSampler(torch.utils.data.Sampler):
+        def __init__(self, n, seed=0):
+            self.n, self.seed, self.epoch = n, seed, 0
+
+        def __iter__(self):
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            return iter(torch.randperm(self.n, generator=g).tolist())
+
+        def __len__(self):
+            return self.n
+
+        def state_dict(self):
+            return {"seed": self.seed, "epoch": self.epoch}
+
+        def load_state_dict(self, state):
+            self.seed, self.epoch = state["seed"], state["epoch"]
+
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=g),
+                                          torch.randn(32, 1, generator=g))
+
+    def run(directory, epochs, resume):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=3)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        sampler = EpochSampler(len(data), seed=7)
+        ckpt = ModelCheckpoint(str(directory / "c-{epoch}.pt"), model=model, optimizer=opt,
+                               extra={"scaler": scaler, "ema": ema, "sampler": sampler},
+                               resume=resume)
+        for epoch in range(ckpt.on_train_begin(), epochs):
+            sampler.epoch = epoch
+            for x, y in torch.utils.data.DataLoader(data, batch_size=8, sampler=sampler):
+                opt.zero_grad()
+                scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+                scaler.step(opt)
+                scaler.update()
+                ema.update_parameters(model)
+            ckpt.on_epoch_end(epoch, logs={"val_loss": 1.0})
+        ckpt.on_train_end()
+        return scaler, ema, sampler
+
+    straight = run(tmp_path / "a", 4, False)
+    run(tmp_path / "b", 2, False)
+    scaler, ema, sampler = run(tmp_path / "b", 4, True)
+    assert scaler.get_scale() == straight[0].get_scale() > 2.0**4  # it grew: its tracker came back
+    assert sampler.epoch == straight[2].epoch == 3
+    assert int(ema.n_averaged) == int(straight[1].n_averaged) == 16
+    for got, want in zip(ema.parameters(), straight[1].parameters()):
+        assert torch.equal(got, want)
