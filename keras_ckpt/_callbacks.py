@@ -58,6 +58,7 @@ class Siblings:
 
     def attach(self, caller: types.FrameType | None, resume: bool) -> None:
         """Called from the owner's ``set_model``: ``caller`` is the frame that called it."""
+        self.end()  # a fit that raised never reached on_train_end
         self._callbacks = []
         holder = caller.f_locals.get("self") if caller is not None else None
         if not isinstance(holder, keras.callbacks.CallbackList):
