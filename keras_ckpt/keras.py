@@ -30,8 +30,11 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
     atomically (a crash never destroys a committed checkpoint) with a checksum in the directory's
     ``checkpoints.json``, stores the whole training state in each file (weights, optimizer
     variables and iterations, SeedGenerator states, numpy/Python/backend RNGs, epoch, step and
-    this callback's best-N state) and, with ``resume=True``, continues an interrupted ``fit`` at
-    the next epoch, bit for bit.
+    this callback's best-N state, and the state of the other callbacks of the same ``fit``:
+    EarlyStopping, ReduceLROnPlateau, any callback with ``state_dict()``/``load_state_dict()``;
+    CSVLogger appends on resume) and, with ``resume=True``, continues an interrupted ``fit`` at
+    the next epoch, bit for bit. So that an epoch's checkpoint holds those callbacks' state after
+    that epoch, this callback runs after them in ``fit`` wherever it is listed.
 
     Example:
 
