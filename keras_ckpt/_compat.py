@@ -132,6 +132,14 @@ KERAS_INITIAL_EPOCH = PrivateAPI(
     "tests/test_compat_keras.py checks that fit honours it)",
     "warn that resume restored the state but fit() will not skip the done epochs",
 )
+KERAS_CALLBACK_LIST = PrivateAPI(
+    "keras", "keras.src.callbacks.callback_list", "CallbackList.set_model", ("model",),
+    "_callbacks.Siblings.attach: the other callbacks of a fit are the .callbacks list of the "
+    "CallbackList whose set_model calls ours (the calling frame's self); the checkpoint callback "
+    "moves itself behind the stateful ones by assigning a reordered list to .callbacks "
+    "(tests/test_compat_keras.py checks both)",
+    "no other callback's state is saved or restored (a warning once)",
+)
 
 KERAS: tuple[PrivateAPI, ...] = (
     KERAS_SAVE_STATE, KERAS_SERIALIZE_MODEL, KERAS_DISK_IO_STORE, KERAS_H5_IO_STORE,
@@ -140,6 +148,7 @@ KERAS: tuple[PrivateAPI, ...] = (
     KERAS_METADATA_FILENAME, KERAS_ASSETS_DIRNAME, KERAS_SAVE_OWN_VARIABLES,
     KERAS_GLOBAL_STATE_TRACKER, KERAS_GET_GLOBAL_ATTRIBUTE, KERAS_SET_GLOBAL_ATTRIBUTE,
     KERAS_GLOBAL_SEED_GENERATOR, KERAS_PRINT_MSG, KERAS_SET_MONITOR_OP, KERAS_INITIAL_EPOCH,
+    KERAS_CALLBACK_LIST,
 )
 KERAS_FAST_WRITE: tuple[PrivateAPI, ...] = (
     KERAS_SAVE_STATE, KERAS_SERIALIZE_MODEL, KERAS_DISK_IO_STORE, KERAS_H5_IO_STORE,

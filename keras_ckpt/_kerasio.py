@@ -40,7 +40,7 @@ import os
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 import h5py
@@ -50,6 +50,7 @@ import numpy as np
 from keras_ckpt import _compat, _zip, storage
 
 __all__ = [
+    "ARRAYS_GROUP",
     "STATE_GROUP",
     "STATE_MEMBER",
     "add_state_h5",
@@ -58,6 +59,7 @@ __all__ = [
     "fast_write_available",
     "file_format",
     "load_into",
+    "read_arrays",
     "read_state",
     "write_keras",
     "write_weights_h5",
@@ -73,6 +75,10 @@ extract the whole archive, weights included, into a temporary directory (3.7x sl
 
 STATE_GROUP = "keras_ckpt"
 """The root group that :data:`STATE_MEMBER` lives in."""
+
+ARRAYS_GROUP = "keras_ckpt/arrays"
+"""The HDF5 group of the training state's arrays (e.g. EarlyStopping's best weights), one
+dataset per array under the name the state's JSON refers to it by. Beside the JSON, not in it."""
 
 
 
@@ -323,11 +329,13 @@ def _skipped(model: Any, include_optimizer: bool) -> set[int]:
 
 
 def _segments(
-    model: Any, include_optimizer: bool, state: bytes | None, assets_dir: Any
+    model: Any, include_optimizer: bool, state: bytes | None, assets_dir: Any,
+    arrays: Mapping[str, np.ndarray] | None = None,
 ) -> list[memoryview]:
     """The weights file as an ordered list of byte segments that concatenate to the file.
 
-    ``state`` goes into :data:`STATE_MEMBER`. ``assets_dir`` is a Keras
+    ``state`` goes into :data:`STATE_MEMBER`, ``arrays`` under :data:`ARRAYS_GROUP`.
+    ``assets_dir`` is a Keras
     ``DiskIOStore`` for ``.keras`` files (layers such as lookups save vocabularies there).
     """
     image = _SparseImage()
@@ -342,6 +350,8 @@ def _segments(
         )
         if state is not None:
             store.put(h5_file, STATE_MEMBER, np.frombuffer(state, dtype=np.uint8))
+        for name, array in (arrays or {}).items():
+            store.put(h5_file, f"{ARRAYS_GROUP}/{name}", np.ascontiguousarray(array))
     _repair_skipset_cache()
     segments: list[memoryview] = []
     pos = 0
@@ -364,17 +374,17 @@ def _segments(
 
 def write_weights_h5(
     model: Any, fileobj_or_path: str | os.PathLike[str] | IO[bytes], *, state: bytes,
-    include_optimizer: bool = True,
+    include_optimizer: bool = True, arrays: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Write ``model``'s weights (and optimizer variables) as a Keras ``.weights.h5`` file.
 
     The file loads with ``model.load_weights(path)`` exactly as one from ``save_weights``
     (build the optimizer first for its variables to load, or use :func:`load_into`), and
-    carries ``state`` under :data:`STATE_GROUP`. Written strictly front to back in one pass,
-    from the start of a given file object (flushed, not closed) or into a path. Not fsynced:
-    the caller does that.
+    carries ``state`` under :data:`STATE_GROUP` (``arrays`` under :data:`ARRAYS_GROUP`).
+    Written strictly front to back in one pass, from the start of a given file object (flushed,
+    not closed) or into a path. Not fsynced: the caller does that.
     """
-    segments = _segments(model, include_optimizer, state, assets_dir=None)
+    segments = _segments(model, include_optimizer, state, assets_dir=None, arrays=arrays)
     with _output(fileobj_or_path) as raw:
         out = storage.EarlyWriteback(raw)
         for segment in segments:
@@ -404,12 +414,13 @@ def _asset_files(root: str) -> Iterator[tuple[str, str]]:
 
 def write_keras(
     model: Any, fileobj_or_path: str | os.PathLike[str] | IO[bytes], *, state: bytes,
-    include_optimizer: bool = True,
+    include_optimizer: bool = True, arrays: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Write ``model`` as a ``.keras`` archive that ``keras.models.load_model`` opens.
 
     Members: ``metadata.json`` and ``config.json`` (Keras's own serialization), any assets,
-    and ``model.weights.h5`` last, holding ``state`` at :data:`STATE_MEMBER`. With
+    and ``model.weights.h5`` last, holding ``state`` at :data:`STATE_MEMBER` (and ``arrays``
+    under :data:`ARRAYS_GROUP`). With
     ``include_optimizer=False`` the optimizer's variables are left out of the weights (Keras
     3's ``model.save`` ignores that flag for ``.keras``); the config still records the compile
     arguments, so ``load_model`` returns a compiled model with a fresh optimizer.
@@ -421,7 +432,7 @@ def write_keras(
     config_json, metadata_json = _compat.resolve(_compat.KERAS_SERIALIZE_MODEL)(model)
     assets = _compat.resolve(_compat.KERAS_DISK_IO_STORE)(_ASSETS_DIR, mode="w")
     try:
-        segments = _segments(model, include_optimizer, state, assets)
+        segments = _segments(model, include_optimizer, state, assets, arrays)
         with _output(fileobj_or_path) as out:
             _write_archive(out, metadata_json, config_json, assets.working_dir, segments)
     finally:
@@ -479,6 +490,19 @@ def read_state(path: str) -> bytes | None:
         if not isinstance(dataset, h5py.Dataset):
             return None
         return np.asarray(dataset[()], dtype=np.uint8).tobytes()
+
+
+def read_arrays(path: str) -> dict[str, np.ndarray]:
+    """The arrays the training state refers to (:data:`ARRAYS_GROUP`), by name; {} if none."""
+    found: dict[str, np.ndarray] = {}
+    with open(path, "rb") as raw, _open_weights(path, raw.fileno()) as h5_file:
+        group = h5_file.get(ARRAYS_GROUP)
+        if isinstance(group, h5py.Group):
+            group.visititems(
+                lambda name, obj: found.__setitem__(name, obj[()])
+                if isinstance(obj, h5py.Dataset) else None
+            )
+    return found
 
 
 class _Window(_Positioned):
@@ -584,8 +608,12 @@ def _load_with_keras(model: Any, path: str) -> None:
 # --- Adding the state to files Keras wrote (when the fast writers cannot run) -----------------
 
 
-def add_state_h5(target: str | IO[bytes], state: bytes, *, drop_optimizer: bool) -> None:
-    """Add ``state`` at :data:`STATE_MEMBER` to an HDF5 file Keras wrote (a path or file object).
+def add_state_h5(
+    target: str | IO[bytes], state: bytes, *, drop_optimizer: bool,
+    arrays: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """Add ``state`` at :data:`STATE_MEMBER` (``arrays`` under :data:`ARRAYS_GROUP`) to an HDF5
+    file Keras wrote (a path or file object).
 
     ``drop_optimizer`` removes the optimizer's variables, which Keras's ``.keras`` and
     ``.weights.h5`` writers always include.
@@ -594,10 +622,13 @@ def add_state_h5(target: str | IO[bytes], state: bytes, *, drop_optimizer: bool)
         if drop_optimizer and _OPTIMIZER_PATH in f:
             del f[_OPTIMIZER_PATH]
         f.create_dataset(STATE_MEMBER, data=np.frombuffer(state, dtype=np.uint8))
+        for name, array in (arrays or {}).items():
+            f.create_dataset(f"{ARRAYS_GROUP}/{name}", data=array)
 
 
 def copy_keras_with_state(
-    source: str, target: str, *, state: bytes, include_optimizer: bool = True
+    source: str, target: str, *, state: bytes, include_optimizer: bool = True,
+    arrays: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Copy the ``.keras`` archive ``source`` (from ``model.save``) to ``target``, adding ``state``.
 
@@ -609,6 +640,8 @@ def copy_keras_with_state(
             data = src.read(info)
             if info.filename == _WEIGHTS_MEMBER:
                 weights = io.BytesIO(data)
-                add_state_h5(weights, state, drop_optimizer=not include_optimizer)
+                add_state_h5(
+                    weights, state, drop_optimizer=not include_optimizer, arrays=arrays
+                )
                 data = weights.getvalue()
             dst.writestr(info, data)

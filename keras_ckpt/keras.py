@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ckpt import _compat, _kerasio
+from keras_ckpt import _callbacks, _compat, _kerasio
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
@@ -30,8 +30,11 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
     atomically (a crash never destroys a committed checkpoint) with a checksum in the directory's
     ``checkpoints.json``, stores the whole training state in each file (weights, optimizer
     variables and iterations, SeedGenerator states, numpy/Python/backend RNGs, epoch, step and
-    this callback's best-N state) and, with ``resume=True``, continues an interrupted ``fit`` at
-    the next epoch, bit for bit.
+    this callback's best-N state, and the state of the other callbacks of the same ``fit``:
+    EarlyStopping, ReduceLROnPlateau, any callback with ``state_dict()``/``load_state_dict()``;
+    CSVLogger appends on resume) and, with ``resume=True``, continues an interrupted ``fit`` at
+    the next epoch, bit for bit. So that an epoch's checkpoint holds those callbacks' state after
+    that epoch, this callback runs after them in ``fit`` wherever it is listed.
 
     Example:
 
@@ -133,6 +136,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         config = CheckpointConfig.from_arguments(locals(), mode=self.mode, owner=type(self).__name__)
         self._core = Checkpointer(config, framework="keras", print_fn=_print_msg)
         self._resume_pending = resume is not False
+        self._siblings = _callbacks.Siblings(self)
         if not self._core.needs_batch_events and not config.preemption_signals:
             # Without a batch hook Keras may dispatch batch callbacks asynchronously, so steps
             # that do not save cost nothing (stock ModelCheckpoint always defines one). The
@@ -157,6 +161,11 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
 
     # -- training events ----------------------------------------------------------------------
 
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        # fit's CallbackList calls this on each of its callbacks, before any on_train_begin.
+        self._siblings.attach(inspect.currentframe().f_back, resume=self._resume_pending)
+
     def on_train_begin(self, logs: dict | None = None) -> None:
         if not self._resume_pending:
             self._core.resume = False
@@ -167,8 +176,10 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             try:
                 self._restore(path)
             except BaseException:
+                self._siblings.end()
                 self._core.end()
                 raise
+        self._siblings.begin(self._core.epochs_done if path is not None else None)
         # The loop frame is fit's (the outermost Keras frame): once it is gone, fit has ended.
         self._core.preemption.install(inspect.currentframe(), through=("keras",), loop=("keras",))
 
@@ -206,6 +217,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             if not self._core.saved_current_step():
                 self._save(max(self._core.epochs_done - 1, 0), None, logs)
             guard.preempted = True
+        self._siblings.end()
         self._core.end()
         if guard.preempted:
             guard.redeliver()
@@ -233,31 +245,36 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
 
     def _write(self, tx: Transaction, path: str, state: dict) -> None:
         state["keras"] = self._keras_state()
+        # The other callbacks' state: JSON here, its arrays as HDF5 datasets beside it.
+        state["keras"]["callbacks"], arrays = self._siblings.capture()
         blob = json.dumps(state).encode("utf-8")
         include_optimizer = self.save_optimizer
         fast = _kerasio.fast_write_available()
         if path.endswith(".keras") and fast:
             _kerasio.write_keras(
-                self.model, tx.open(), state=blob, include_optimizer=include_optimizer
+                self.model, tx.open(), state=blob, include_optimizer=include_optimizer,
+                arrays=arrays,
             )
         elif path.endswith(".keras"):  # Keras's own writer, then the archive copied with our state
             scratch = os.path.join(tx.staging_dir(), "model.keras")
             self.model.save(scratch)
             _kerasio.copy_keras_with_state(
-                scratch, tx.temp_path(), state=blob, include_optimizer=include_optimizer
+                scratch, tx.temp_path(), state=blob, include_optimizer=include_optimizer,
+                arrays=arrays,
             )
         elif path.endswith(".weights.h5") and fast:
             _kerasio.write_weights_h5(
-                self.model, tx.open(), state=blob, include_optimizer=include_optimizer
+                self.model, tx.open(), state=blob, include_optimizer=include_optimizer,
+                arrays=arrays,
             )
         elif path.endswith(".weights.h5"):  # Keras's own writer, then our state beside its data
             tmp = tx.temp_path()
             self.model.save_weights(tmp, overwrite=True)
-            _kerasio.add_state_h5(tmp, blob, drop_optimizer=not include_optimizer)
+            _kerasio.add_state_h5(tmp, blob, drop_optimizer=not include_optimizer, arrays=arrays)
         else:  # legacy .h5: always Keras's own writer (it honours include_optimizer)
             tmp = tx.temp_path()
             self.model.save(tmp, overwrite=True, include_optimizer=include_optimizer)
-            _kerasio.add_state_h5(tmp, blob, drop_optimizer=False)
+            _kerasio.add_state_h5(tmp, blob, drop_optimizer=False, arrays=arrays)
 
     def _keras_state(self) -> dict[str, Any]:
         """What Keras's files leave out: SeedGenerator states and the backend's global RNG."""
@@ -299,9 +316,20 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 stacklevel=3,
             )
         else:
-            self._restore_keras_state(state.get("keras") or {})
+            keras_state = state.get("keras") or {}
+            self._restore_keras_state(keras_state)
+            self._siblings.restore(
+                keras_state.get("callbacks"), lambda: _kerasio.read_arrays(path)
+            )
         self._core.restored(path, state)
-        if self._core.epochs_done:
+        if self._siblings.finished:
+            # EarlyStopping had ended this run: the resumed fit trains no further epochs (the
+            # straight run would not have either); EarlyStopping's on_train_end still runs.
+            epochs = max(self._core.epochs_done, int((self.params or {}).get("epochs") or 0))
+            self._set_initial_epoch(epochs)
+            if self.verbose > 0:
+                _print_msg(f"Restored {path}: EarlyStopping had stopped this run; no epochs left.")
+        elif self._core.epochs_done:
             self._set_initial_epoch(self._core.epochs_done)
         if state and state.get("batch") is not None:
             warnings.warn(

@@ -100,8 +100,43 @@ class ModelCheckpoint(CheckpointAttributes):
         optimizer: its optimizer, or None.
         scheduler: a learning-rate scheduler (anything with `state_dict()`/`load_state_dict()`),
             or None.
-        extra: further objects to save by name, each with `state_dict()`/`load_state_dict()`,
-            e.g. `{"scaler": torch.amp.GradScaler()}`.
+        extra: further objects to save by name, each with `state_dict()`/`load_state_dict()`
+            (restored in `on_train_begin`, like the model): what else the loop needs to
+            continue exactly, e.g. a mixed-precision `GradScaler` (its loss scale and growth
+            tracker), an EMA of the weights (`torch.optim.swa_utils.AveragedModel`, a module)
+            and a data sampler that says where it is (`torchdata`'s `StatefulDataLoader`, or
+            your own with an epoch and a seed):
+
+            ```python
+            class EpochSampler(torch.utils.data.Sampler):
+                def __init__(self, n, seed=0):
+                    self.n, self.seed, self.epoch = n, seed, 0
+                def __iter__(self):
+                    g = torch.Generator().manual_seed(self.seed + self.epoch)
+                    return iter(torch.randperm(self.n, generator=g).tolist())
+                def __len__(self):
+                    return self.n
+                def state_dict(self):
+                    return {"seed": self.seed, "epoch": self.epoch}
+                def load_state_dict(self, state):
+                    self.seed, self.epoch = state["seed"], state["epoch"]
+
+            scaler = torch.amp.GradScaler("cuda")
+            ema = torch.optim.swa_utils.AveragedModel(
+                model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999))
+            sampler = EpochSampler(len(dataset))
+            ckpt = ModelCheckpoint("runs/a/ckpt-{epoch}.pt", model=model, optimizer=opt,
+                                   extra={"scaler": scaler, "ema": ema, "sampler": sampler},
+                                   resume=True)
+            for epoch in range(ckpt.on_train_begin(), epochs):
+                sampler.epoch = epoch  # before the batches: the order depends on it
+                ...                    # scaler.scale(loss).backward(); scaler.step(opt);
+                                       # scaler.update(); ema.update_parameters(model)
+                ckpt.on_epoch_end(epoch, logs={"val_loss": val_loss})
+            ```
+
+            State values may be tensors, numpy values and plain Python data (files load
+            with `weights_only=True`).
         monitor: the log key that ranks checkpoints (`save_best_only`, `keep_best`).
         verbose: 0 silent, 1 a message per save, 2 also per deleted checkpoint.
         save_best_only: save only when `monitor` improves on `best`.

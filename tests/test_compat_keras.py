@@ -107,3 +107,59 @@ def test_save_and_resume_through_keras_public_writers_are_exact(
             assert got.tobytes() == want.tobytes()
     else:
         assert int(keras.ops.convert_to_numpy(resumed.optimizer.iterations)) == 8  # fresh + 8
+
+
+def test_callback_list_calls_set_model_from_its_own_method_and_dispatches_its_callbacks_list():
+    # What _callbacks.Siblings relies on: the caller of a callback's set_model is the
+    # CallbackList (its frame's self), whose .callbacks holds the callbacks, and a list assigned
+    # to .callbacks is the order the events go out in.
+    import inspect
+
+    seen, calls = [], []
+
+    class Spy(keras.callbacks.Callback):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def set_model(self, model):
+            super().set_model(model)
+            seen.append(inspect.currentframe().f_back.f_locals.get("self"))
+
+        def on_epoch_end(self, epoch, logs=None):
+            calls.append(self.name)
+
+    a, b = Spy("a"), Spy("b")
+    callbacks = keras.callbacks.CallbackList([a, b], model=_model())
+    assert all(holder is callbacks for holder in seen) and len(seen) == 2
+    assert callbacks.callbacks[:2] == [a, b]
+    callbacks.callbacks = [b, a]
+    callbacks.on_epoch_end(0, {})
+    assert calls == ["b", "a"]
+
+
+def test_without_the_callback_list_other_callbacks_start_fresh_with_one_warning(
+    tmp_path, monkeypatch
+):
+    real = _compat.available
+    monkeypatch.setattr(
+        _compat, "available", lambda api: api is not _compat.KERAS_CALLBACK_LIST and real(api)
+    )
+    x, y = _data()
+    path = str(tmp_path / "c-{epoch}.keras")
+
+    def run(epochs, resume):
+        early = keras.callbacks.EarlyStopping(monitor="loss", patience=50)
+        ckpt = keras_ckpt.ModelCheckpoint(path, monitor="loss", resume=resume)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hist = _model().fit(x, y, batch_size=8, epochs=epochs, verbose=0,
+                                callbacks=[ckpt, early])
+        found = [w for w in caught if "cannot find the other callbacks" in str(w.message)]
+        return hist, early, found
+
+    _, _, found = run(2, False)
+    assert len(found) == 1
+    hist, early, found = run(3, True)  # the model resumes; EarlyStopping starts over
+    assert hist.epoch == [2] and len(found) == 1
+    assert early.best_epoch == 2 and early.wait == 0
