@@ -152,21 +152,10 @@ def _refuse_existing(paths: list[str], force: bool) -> None:
 
 @contextlib.contextmanager
 def _atomic(path: str) -> Iterator[IO[bytes]]:
-    """A file that appears at ``path`` complete (fsynced, renamed) or not at all."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    tmp = storage.temp_path(directory, os.path.basename(path))
-    try:
-        with open(tmp, "w+b") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    storage.fsync_dir(directory)
+    """``storage.atomic_file``, creating the directory ``OUT`` names first."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with storage.atomic_file(path) as f:
+        yield f
 
 
 def _h5py() -> Any:

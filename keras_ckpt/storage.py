@@ -360,13 +360,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: readers see the old bytes or the new, never a mix."""
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[IO[bytes]]:
+    """A file written through the block that appears at ``path`` complete or not at all.
+
+    Readers see the old bytes or the new, never a mix: temp file beside it, fsync, rename, fsync
+    of the directory; an exception in the block removes the temp file and leaves ``path`` alone.
+    """
     directory = os.path.dirname(path) or "."
     tmp = temp_path(directory, os.path.basename(path))
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, "w+b") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -375,6 +380,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.remove(tmp)
         raise
     fsync_dir(directory)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def is_plain_name(name: object) -> bool:
