@@ -137,10 +137,10 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         self._core = Checkpointer(config, framework="keras", print_fn=_print_msg)
         self._resume_pending = resume is not False
         self._siblings = _callbacks.Siblings(self)
-        if not self._core.needs_batch_events and not config.preemption_signals:
-            # Without a batch hook Keras may dispatch batch callbacks asynchronously, so steps
+        if not self._core.needs_batch_events:
+            # Without a batch-end hook Keras may dispatch batch callbacks asynchronously, so steps
             # that do not save cost nothing (stock ModelCheckpoint always defines one). The
-            # preemption save needs it: it must run on the training thread between two batches.
+            # preemption check then runs at batch begin, which Keras calls on the training thread.
             self.on_train_batch_end = types.MethodType(
                 keras.callbacks.Callback.on_train_batch_end, self
             )
@@ -189,6 +189,13 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         # now: a fit() that raises skips on_train_end, and the next fit() would skip epochs.
         self._clear_initial_epoch()
         self._core.on_epoch_begin(epoch)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if batch and self._core.preemption.requested and not self._core.needs_batch_events:
+            # Batches 0..batch-1 are trained: the state a save at the last batch end would hold.
+            # (Keras still trains this batch before it sees stop_training; it is not saved.)
+            self._save(self._current_epoch, batch - 1, logs)
+            self._stop_for_preemption()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         due = self._core.needs_batch_events and self._core.batch_due(batch)

@@ -127,8 +127,10 @@ def test_keras_sigterm_mid_epoch_saves_stops_and_resumes(tmp_path):
         assert code == -signal.SIGTERM, err[-3000:]  # the default action: status 143 in a shell
         d = tmp_path / backend
         record = records[backend] = _newest(d)
-        # Saved at the batch end after the signal: the last trained batch, mid epoch 2.
-        assert record.step == steps[-1] and 10 < record.step < 20, backend
+        # Saved at the first batch boundary after the signal (checked at batch begin, so Keras
+        # keeps dispatching batch ends asynchronously): the batch in progress is in it; Keras
+        # trains one more batch before it stops, which is not saved.
+        assert record.step in (steps[-1] - 1, steps[-1]) and 10 < record.step < 20, backend
         assert record.epoch == 1 and record.name == "ckpt-02"
         assert {p.name for p in d.iterdir()} - {mf.FILENAME, ".checkpoints.lock"} == (
             mf.load(str(d)).listed_files()
@@ -155,7 +157,7 @@ def test_keras_users_own_handler_runs_after_the_save(tmp_path):
                                   _env(KERAS_BACKEND="tensorflow"), tmp_path, signal.SIGTERM)
     assert code == 3, err[-3000:]  # the user's handler ran (after fit returned) and exited
     assert done.read_text().strip() == "SIGTERM"
-    assert _newest(d).step == steps[-1]
+    assert _newest(d).step in (steps[-1] - 1, steps[-1])
 
 
 # -- the torch shim ---------------------------------------------------------------------------
