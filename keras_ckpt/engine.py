@@ -369,8 +369,7 @@ class Engine:
 
     def _best_of(self, records: Sequence[Record], baseline: tuple[float, int] | None) -> _Candidate | None:
         run = [r for r in records if r.run == self.state.run]
-        base = None if baseline is None else _Candidate(baseline[0], baseline[1], None)
-        return best_of(run, self.policy.monitor, self.policy.mode, base)
+        return best_of(run, self.policy.monitor, self.policy.mode, _baseline(baseline))
 
     # -- what is there ------------------------------------------------------------------------
 
@@ -490,12 +489,9 @@ class Engine:
         value = None if replaced is None else score(replaced.metrics, self.policy.monitor)
         if value is None or replaced.run != state.run:  # type: ignore[union-attr]
             return state.baseline
-        candidates = [_Candidate(value, replaced.seq, None)]  # type: ignore[union-attr]
-        if state.baseline is not None:
-            candidates.append(_Candidate(state.baseline[0], state.baseline[1], None))
-        winner = best_of([], self.policy.monitor, self.policy.mode, min(
-            candidates, key=lambda c: ((1.0 if self.policy.mode == "min" else -1.0) * c.value, c.seq)
-        ))
+        winner = best_of([], self.policy.monitor, self.policy.mode,
+                         _Candidate(value, replaced.seq, None),  # type: ignore[union-attr]
+                         _baseline(state.baseline))
         return None if winner is None else (winner.value, winner.seq)
 
     def _retain(
@@ -503,8 +499,7 @@ class Engine:
     ) -> tuple[dict[str, tuple[str, ...]], list[Record]]:
         """(kept name -> reasons, dropped records) for ``series`` (commit order) under ``state``."""
         run = [r for r in series if r.run == state.run]
-        base = None if state.baseline is None else _Candidate(state.baseline[0], state.baseline[1], None)
-        winner = best_of(run, self.policy.monitor, self.policy.mode, base)
+        winner = best_of(run, self.policy.monitor, self.policy.mode, _baseline(state.baseline))
         state.best = None if winner is None else winner.value
         state.best_name = None if winner is None else winner.name
         guard = dict(protect or {})
@@ -648,6 +643,11 @@ class Engine:
     def latest_valid(self) -> Record | None:
         """The newest record of this series whose files verify (a warning names each bad one)."""
         return newest_valid(self.store, self._records)
+
+
+def _baseline(stored: tuple[float, int] | None) -> _Candidate | None:
+    """A series' stored baseline (value, seq) as a candidate for best, held by no record."""
+    return None if stored is None else _Candidate(stored[0], stored[1], None)
 
 
 def _apply(m: Manifest) -> tuple[Manifest, list[str]]:

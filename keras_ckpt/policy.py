@@ -132,31 +132,30 @@ def ranked(records: Sequence[RecordLike], monitor: str | None, mode: str) -> lis
     The one ordering behind ``best``, best-N retention and ``save_best_only``, so they can
     never disagree (an out-of-order ``report()`` included).
     """
-    sign = 1.0 if mode == "min" else -1.0
     scored = [
         Candidate(v, _seq(r, i), r.name)
         for i, r in enumerate(records)
         if (v := score(r.metrics, monitor)) is not None
     ]
-    scored.sort(key=lambda c: (sign * c.value, c.seq))
-    return scored
+    return _in_rank_order(scored, mode)
 
 
 def best_of(
-    records: Sequence[RecordLike], monitor: str | None, mode: str, baseline: Candidate | None = None
+    records: Sequence[RecordLike], monitor: str | None, mode: str, *baselines: Candidate | None
 ) -> Candidate | None:
-    """Who is best: the first in :func:`ranked` order, unless ``baseline`` beats or ties it.
+    """Who is best: the first in :func:`ranked` order, unless a baseline beats or ties it.
 
-    ``baseline`` is the best value no listed record holds (``initial_value_threshold``, a best
+    A baseline is a best value no listed record holds (``initial_value_threshold``, a best
     carried from another directory, a best whose file a later save replaced); it wins ties only
     when it came first (its ``seq``), as Keras's strict improvement does.
     """
-    ranking = ranked(records, monitor, mode)
-    if baseline is not None:
-        ranking.append(baseline)
-        sign = 1.0 if mode == "min" else -1.0
-        ranking.sort(key=lambda c: (sign * c.value, c.seq))
+    ranking = _in_rank_order([*ranked(records, monitor, mode), *(b for b in baselines if b)], mode)
     return ranking[0] if ranking else None
+
+
+def _in_rank_order(candidates: list[Candidate], mode: str) -> list[Candidate]:
+    sign = 1.0 if mode == "min" else -1.0
+    return sorted(candidates, key=lambda c: (sign * c.value, c.seq))
 
 
 def _seq(record: RecordLike, index: int) -> int:
