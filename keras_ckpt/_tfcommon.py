@@ -321,11 +321,19 @@ class PrefixSeries:
         rest = sorted((b for b in found if b not in in_state), key=lambda b: found[b][0])
         last_preserved = state.last_preserved_timestamp if by_manager else None
         records = []
+        store = self.engine.store
         for base in rest + in_state:
             entries = []
             for file_name in found[base][1]:
-                digest, size = storage.hash_file(os.path.join(self.directory, file_name))
+                # Bounded, never through a symlink, never blocking on a FIFO: like any verify.
+                size = store.stat(file_name).size
+                digest, problem = store.hash(file_name, size)
+                if problem is not None:
+                    warnings.warn(f"keras_ckpt: not adopting {base}: {problem}", stacklevel=3)
+                    break
                 entries.append(mf.FileEntry(file_name, size, digest))
+            if len(entries) != len(found[base][1]):
+                continue
             when = stamps[base] if base in stamps else self.engine.store.stat(base + ".index").mtime
             record = mf.make_record(
                 base, self.engine.series, epoch=0, step=0, time=when, metrics=None,
@@ -336,6 +344,8 @@ class PrefixSeries:
             if by_manager and (base not in in_state or when <= last_preserved):  # type: ignore[operator]
                 record = replace(record, kept=(EVERY_N_HOURS,))
             records.append(record)
+        if not records:
+            return []
         self.engine.adopt_existing(
             records, None if last_preserved is None else {LAST_PRESERVED: float(last_preserved)}
         )

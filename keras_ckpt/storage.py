@@ -65,17 +65,6 @@ def _chunks(f: IO[bytes], limit: int | None = None) -> Iterator[memoryview]:
             left -= n
 
 
-def hash_file(path: str) -> tuple[str, int]:
-    """The xxh3-128 hex digest and size of a file."""
-    h = xxhash.xxh3_128()
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        for piece in _chunks(f):
-            h.update(piece)
-            size += len(piece)
-    return h.hexdigest(), size
-
-
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """Linux's ``sync_file_range`` (Python has no wrapper), or None where there is none."""
     if not sys.platform.startswith("linux"):

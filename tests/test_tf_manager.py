@@ -259,6 +259,31 @@ def test_adopts_checkpoint_save_output_of_its_name_only(tmp_path):
     assert _prefixes_on_disk(tmp_path) == ["ckpt-3", "ckpt-7"]
 
 
+def test_adoption_never_blocks_on_a_fifo_or_follows_a_symlink(tmp_path):
+    import threading
+
+    v = tf.Variable(0.0)
+    checkpoint = tf.train.Checkpoint(v=v)
+    for value in (1.0, 2.0, 3.0):
+        v.assign(value)
+        checkpoint.save(str(tmp_path / "ckpt"))
+    shard = "ckpt-{}.data-00000-of-00001"
+    os.remove(tmp_path / shard.format(2))
+    os.mkfifo(tmp_path / shard.format(2))  # reading it would block the manager's construction
+    os.remove(tmp_path / shard.format(3))
+    os.symlink("/dev/zero", tmp_path / shard.format(3))  # would stream forever
+    made = []
+    t = threading.Thread(target=lambda: made.append(CheckpointManager(checkpoint, tmp_path, max_to_keep=5)),
+                         daemon=True)
+    with pytest.warns(UserWarning) as caught:
+        t.start()
+        t.join(60)
+    assert made, "the manager's construction hung"
+    messages = " ".join(str(w.message) for w in caught)
+    assert "not adopting ckpt-2" in messages and "not adopting ckpt-3" in messages
+    assert [r.name for r in made[0].records] == ["ckpt-1"]
+
+
 def test_unmanaged_checkpoint_named_by_tfs_state_file_is_restored_never_deleted(tmp_path):
     v = tf.Variable(5.0)
     tf.train.Checkpoint(v=v).save(str(tmp_path / "pretrained"))
