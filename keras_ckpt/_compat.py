@@ -140,6 +140,22 @@ KERAS_CALLBACK_LIST = PrivateAPI(
     "(tests/test_compat_keras.py checks both)",
     "no other callback's state is saved or restored (a warning once)",
 )
+KERAS_EPOCH_ITERATOR = PrivateAPI(
+    "keras", "keras.src.trainers.epoch_iterator", "EpochIterator._enumerate_iterator", (),
+    "_fastforward.skip: fit()'s local `epoch_iterator` (found in fit's frame) gets, for the "
+    "resumed epoch only, an instance attribute wrapping this generator of (begin_step, "
+    "end_step, iterator) that consumes the already-trained batches without yielding them "
+    "(tests/test_compat_keras.py checks fit still calls it)",
+    "the interrupted epoch restarts at batch 0 (a warning says so)",
+)
+KERAS_SYMBOLIC_BUILD = PrivateAPI(
+    "keras", "keras.src.trainers.trainer", "Trainer._symbolic_build", ("data_batch",),
+    "_fastforward: builds the compiled metrics (tensorflow builds them when it traces the first "
+    "step) so a mid-epoch resume can put back their running values (checks "
+    "model._compile_metrics.built first)",
+    "the interrupted epoch's logged metrics cover only the batches trained after the resume "
+    "(a warning); weights and optimizer are restored either way",
+)
 
 KERAS: tuple[PrivateAPI, ...] = (
     KERAS_SAVE_STATE, KERAS_SERIALIZE_MODEL, KERAS_DISK_IO_STORE, KERAS_H5_IO_STORE,
@@ -148,7 +164,7 @@ KERAS: tuple[PrivateAPI, ...] = (
     KERAS_METADATA_FILENAME, KERAS_ASSETS_DIRNAME, KERAS_SAVE_OWN_VARIABLES,
     KERAS_GLOBAL_STATE_TRACKER, KERAS_GET_GLOBAL_ATTRIBUTE, KERAS_SET_GLOBAL_ATTRIBUTE,
     KERAS_GLOBAL_SEED_GENERATOR, KERAS_PRINT_MSG, KERAS_SET_MONITOR_OP, KERAS_INITIAL_EPOCH,
-    KERAS_CALLBACK_LIST,
+    KERAS_CALLBACK_LIST, KERAS_EPOCH_ITERATOR, KERAS_SYMBOLIC_BUILD,
 )
 KERAS_FAST_WRITE: tuple[PrivateAPI, ...] = (
     KERAS_SAVE_STATE, KERAS_SERIALIZE_MODEL, KERAS_DISK_IO_STORE, KERAS_H5_IO_STORE,

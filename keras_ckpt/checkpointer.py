@@ -82,6 +82,9 @@ class Checkpointer:
         self.restored_state: dict | None = None
         self.epochs_done = 0
         self.start_batch = 0
+        # The global RNGs as the running epoch began (before its batch order was drawn), saved
+        # in mid-epoch checkpoints so that a resume draws the same order again.
+        self.epoch_rng: dict[str, Any] | None = None
         self.step = 0
         self._running_epoch = 0
         self._batches_since_save = 0
@@ -211,6 +214,11 @@ class Checkpointer:
         batch = state.get("batch")
         # ``batch`` is the 0-based index of the last batch trained before a mid-epoch save.
         self.start_batch = 0 if batch is None else int(batch) + 1
+        self.epoch_rng = state.get("epoch_rng") if batch is not None else None
+        if self.start_batch:
+            # The batches before start_batch are trained and saved: none counts towards the next
+            # save (the straight run's count restarted at the same save).
+            self._last_batch_seen = self.start_batch - 1
         self._running_epoch = self.epochs_done
         if state.get("rng"):
             rng.restore(state["rng"])
@@ -240,9 +248,17 @@ class Checkpointer:
         )
         self._say(f"Copied {source} into this run's output as {copied.name}")
 
+    def mark_epoch_begin(self, framework_rng: Mapping[str, Any] | None = None) -> None:
+        """An epoch is about to draw its batch order: remember the global RNGs as they are now.
+
+        ``framework_rng`` adds the front-end's own generators (torch's) in the form its files
+        store them. A mid-epoch checkpoint carries this as ``epoch_rng``.
+        """
+        self.epoch_rng = {"rng": rng.capture(), **(framework_rng or {})}
+
     def training_state(self, batch: int | None) -> dict[str, Any]:
         """What every checkpoint file carries besides the framework objects."""
-        return {
+        state = {
             "keras_ckpt": STATE_FORMAT,
             "epoch": self.epochs_done,
             "step": self.step,
@@ -254,6 +270,9 @@ class Checkpointer:
             },
             "rng": rng.capture(),
         }
+        if batch is not None and self.epoch_rng is not None:
+            state["epoch_rng"] = self.epoch_rng
+        return state
 
     def on_epoch_begin(self, epoch: int) -> None:
         self._running_epoch = epoch

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ckpt import _callbacks, _compat, _kerasio
+from keras_ckpt import _callbacks, _compat, _fastforward, _kerasio, rng
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
@@ -33,7 +33,11 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
     this callback's best-N state, and the state of the other callbacks of the same ``fit``:
     EarlyStopping, ReduceLROnPlateau, any callback with ``state_dict()``/``load_state_dict()``;
     CSVLogger appends on resume) and, with ``resume=True``, continues an interrupted ``fit`` at
-    the next epoch, bit for bit. So that an epoch's checkpoint holds those callbacks' state after
+    the next epoch, bit for bit — or, from a mid-epoch checkpoint, at the next batch of the
+    interrupted epoch: its shuffle is drawn again from the RNGs saved as it began, the batches
+    already trained are read and dropped without a training step, and its running metrics are
+    put back (numpy, ``PyDataset`` and fixed-order ``tf.data`` inputs; docs/faq.md says which
+    inputs cannot be replayed). So that an epoch's checkpoint holds those callbacks' state after
     that epoch, this callback runs after them in ``fit`` wherever it is listed.
 
     Example:
@@ -85,8 +89,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             running and re-delivers it at once; the next ``on_train_begin`` restores the previous
             handlers first. Put this callback last in ``callbacks`` if the others need their
             ``on_train_end`` too: the default action of the signal ends the process in ours.
-            ``preempted`` tells whether it happened. A run resumed from that checkpoint starts
-            the interrupted epoch again at batch 0 (Keras cannot skip batches yet).
+            ``preempted`` tells whether it happened. A run resumed from that checkpoint goes on
+            at the next batch, as from any mid-epoch checkpoint.
     """
 
     def __init__(
@@ -136,6 +140,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         config = CheckpointConfig.from_arguments(locals(), mode=self.mode, owner=type(self).__name__)
         self._core = Checkpointer(config, framework="keras", print_fn=_print_msg)
         self._resume_pending = resume is not False
+        self._resumed_mid_epoch: _fastforward.Resumed | None = None
+        self._resumed_epoch: _fastforward.Resumed | None = None  # while that epoch runs
         self._siblings = _callbacks.Siblings(self)
         if not self._core.needs_batch_events:
             # Without a batch-end hook Keras may dispatch batch callbacks asynchronously, so steps
@@ -189,8 +195,20 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         # now: a fit() that raises skips on_train_end, and the next fit() would skip epochs.
         self._clear_initial_epoch()
         self._core.on_epoch_begin(epoch)
+        resumed, self._resumed_mid_epoch = self._resumed_mid_epoch, None
+        self._resumed_epoch = None
+        if resumed is not None and epoch == self._core.epochs_done:
+            self._resumed_epoch = resumed
+            # The interrupted epoch again: its batch order and its saves' epoch_rng are the
+            # checkpoint's, and its first start_batch batches are already trained.
+            self._core.epoch_rng = resumed.epoch_rng
+            _fastforward.skip(inspect.currentframe(), self.model, resumed, self._core.start_batch)
+        else:
+            self._core.mark_epoch_begin(_global_rng())
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self._replayed(batch):
+            return
         if batch and self._core.preemption.requested and not self._core.needs_batch_events:
             # Batches 0..batch-1 are trained: the state a save at the last batch end would hold.
             # (Keras still trains this batch before it sees stop_training; it is not saved.)
@@ -198,6 +216,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             self._stop_for_preemption()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._replayed(batch):
+            return
         due = self._core.needs_batch_events and self._core.batch_due(batch)
         preempt = self._core.preemption.requested
         if due or preempt:
@@ -229,6 +249,12 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         if guard.preempted:
             guard.redeliver()
 
+    def _replayed(self, batch: int) -> bool:
+        """Whether ``batch`` is the resumed epoch's already-trained last batch, which fit steps
+        through again without training (see _fastforward) and which is already saved."""
+        resumed = self._resumed_epoch
+        return resumed is not None and resumed.replayed == batch
+
     def _stop_for_preemption(self) -> None:
         self._core.preemption.preempted = True
         self.model.stop_training = True
@@ -252,6 +278,10 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
 
     def _write(self, tx: Transaction, path: str, state: dict) -> None:
         state["keras"] = self._keras_state()
+        if state["batch"] is not None:
+            # The epoch's running metrics (loss and compiled metrics so far): a resume that
+            # skips the trained batches continues them, so the epoch's logs are the straight run's.
+            state["keras"]["fit_metrics"] = _fastforward.metric_values(self.model)
         # The other callbacks' state: JSON here, its arrays as HDF5 datasets beside it.
         state["keras"]["callbacks"], arrays = self._siblings.capture()
         blob = json.dumps(state).encode("utf-8")
@@ -289,12 +319,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             v.path: [int(x) for x in keras.ops.convert_to_numpy(v).ravel()]
             for v in self._seed_variables()
         }
-        out: dict[str, Any] = {"backend": keras.backend.backend(), "seed_generators": seeds}
-        if keras.backend.backend() == "torch":
-            import torch
-
-            out["torch_rng"] = base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
-        return out
+        return {"backend": keras.backend.backend(), "seed_generators": seeds, **_global_rng()}
 
     def _seed_variables(self) -> list:
         found = [v for v in self.model.variables if v.name == _SEED_STATE]
@@ -339,11 +364,13 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         elif self._core.epochs_done:
             self._set_initial_epoch(self._core.epochs_done)
         if state and state.get("batch") is not None:
-            warnings.warn(
-                f"{path} was saved in the middle of epoch {self._core.epochs_done + 1} (after "
-                f"batch {state['batch'] + 1}); Keras cannot skip batches, so that epoch restarts "
-                "at batch 0.",
-                stacklevel=3,
+            self._resumed_mid_epoch = _fastforward.Resumed(
+                path=path,
+                epoch_rng=self._core.epoch_rng,
+                batch_rng={"rng": state.get("rng"),
+                           "torch_rng": (state.get("keras") or {}).get("torch_rng")},
+                restore_rng=_restore_rng,
+                metrics=(state.get("keras") or {}).get("fit_metrics"),
             )
         if self.verbose > 0:
             _print_msg(
@@ -397,11 +424,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         for v in self._seed_variables():
             if v.path in seeds:
                 v.assign(np.asarray(seeds[v.path], dtype=v.dtype).reshape(v.shape))
-        if state.get("torch_rng") and keras.backend.backend() == "torch":
-            import torch
-
-            raw = np.frombuffer(base64.b64decode(state["torch_rng"]), dtype=np.uint8).copy()
-            torch.set_rng_state(torch.from_numpy(raw))
+        _set_global_rng(state)
 
     def _infer_mode(self) -> str | None:
         """``mode="auto"`` from the compiled metrics' direction, as Keras decides it."""
@@ -415,6 +438,32 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         finally:
             self.mode = saved
         return "max" if self.monitor_op is keras.ops.greater else "min"
+
+
+def _global_rng() -> dict[str, Any]:
+    """The backend's global generator, as the training state stores it (torch only: the
+    torch backend's data loader and unseeded ops draw from it)."""
+    if keras.backend.backend() != "torch":
+        return {}
+    import torch
+
+    return {"torch_rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def _set_global_rng(state: dict[str, Any]) -> None:
+    if state.get("torch_rng") and keras.backend.backend() == "torch":
+        import torch
+
+        raw = np.frombuffer(base64.b64decode(state["torch_rng"]), dtype=np.uint8).copy()
+        torch.set_rng_state(torch.from_numpy(raw))
+
+
+def _restore_rng(saved: dict[str, Any] | None) -> None:
+    """Python's, numpy's and the backend's global RNGs from an ``epoch_rng``-shaped state."""
+    if not saved:
+        return
+    rng.restore(saved.get("rng") or {})
+    _set_global_rng(saved)
 
 
 def _flag(name: str, value: Any) -> bool:

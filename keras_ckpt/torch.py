@@ -17,22 +17,24 @@ nor Keras.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import inspect
+import itertools
 import os
 import pickle
 import random
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import IO, Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from keras_ckpt import _compat, _zip, storage
+from keras_ckpt import _compat, _zip, rng, storage
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
@@ -64,9 +66,7 @@ class ModelCheckpoint(CheckpointAttributes):
                            model=model, optimizer=opt, scheduler=sched)
     start_epoch = ckpt.on_train_begin()         # restores if resuming; 0 on a fresh start
     for epoch in range(start_epoch, epochs):
-        for batch, (x, y) in enumerate(loader):
-            if batch < ckpt.start_batch:        # only after resuming a mid-epoch checkpoint
-                continue
+        for batch, (x, y) in ckpt.enumerate(loader):  # at start_batch after a mid-epoch save
             ...
             ckpt.on_train_batch_end(batch, logs={"loss": loss.item()})
         sched.step()                            # before the save, so it saves the stepped state
@@ -88,9 +88,10 @@ class ModelCheckpoint(CheckpointAttributes):
 
     The global step counts `on_train_batch_end` calls (one call per batch); a loop that never
     calls it gets the step from the optimizer's state (Adam-style `step` entries). A mid-epoch
-    checkpoint (integer `save_freq`) sets `start_batch`; that resume is exact only if the
-    epoch's batch order does not depend on the global RNG at the time the epoch starts (seed
-    the sampler per epoch), since the restored RNG state is the one after the order was drawn.
+    checkpoint (integer `save_freq`, a preemption) sets `start_batch`, and also holds the RNG
+    states as that epoch began (taken in `on_train_begin` and after each `on_epoch_end`):
+    `ckpt.enumerate(loader)` uses them to draw the interrupted epoch's order again and resume
+    at `start_batch` exactly (see `enumerate`).
 
     Args:
         filepath: where to save, a template ending in `.pt`, `.pth` or `.pth.tar` (the same
@@ -235,6 +236,7 @@ class ModelCheckpoint(CheckpointAttributes):
         self.extra = dict(extra or {})
         self.strict = strict
         self.start_batch = 0
+        self._skip_pending = False  # whether enumerate() has start_batch batches to skip
         self._batch_calls = 0  # on_train_batch_end calls in the running epoch
         self._counts_batches = False
         self._next_epoch: int | None = None  # the epoch on_epoch_end should get next
@@ -264,7 +266,74 @@ class ModelCheckpoint(CheckpointAttributes):
         # The loop frame is the caller's: once it has returned or raised, training is over.
         self._core.preemption.install(inspect.currentframe())
         self._next_epoch = self._core.epochs_done
+        if not self.start_batch:  # else the interrupted epoch's, restored from the checkpoint
+            self._mark_epoch_begin()
         return self._core.epochs_done
+
+    def enumerate(self, loader: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+        """``enumerate(loader)`` that resumes a mid-epoch checkpoint at `start_batch`.
+
+        In the epoch a mid-epoch checkpoint interrupted, it yields ``(batch, data)`` from
+        `start_batch` on, in the order the interrupted run drew: the RNGs as that epoch began
+        are put back while the loader's iterator and sampler draw, and the sampler's first
+        `start_batch` batches of indices are dropped without loading their data; then the
+        checkpoint's RNG state is back for the batches to train. Any other epoch: the plain
+        ``enumerate(loader)``.
+
+        ```python
+        for epoch in range(ckpt.on_train_begin(), epochs):
+            for batch, (x, y) in ckpt.enumerate(loader):
+                ...
+                ckpt.on_train_batch_end(batch, logs={"loss": loss.item()})
+            ckpt.on_epoch_end(epoch, logs={"val_loss": val_loss})
+        ```
+
+        Exact for a `torch.utils.data.DataLoader` over a map-style dataset whose order comes
+        from its sampler (`shuffle=True`, a seeded or unseeded `RandomSampler`, a custom
+        sampler drawing from torch's RNG or its own state), `num_workers` 0 or more. Any
+        other iterable (an `IterableDataset`, a generator) is read from its start and its first
+        `start_batch` items dropped: exact only if it yields the same order again. Random
+        augmentation in worker processes draws from per-worker generators whose states are not
+        saved: its draws for the resumed batches differ (seed augmentation from the sample
+        index to keep them). Call it after `on_train_begin` / `on_epoch_end`, with nothing
+        drawing from the RNGs in between (validation before `on_epoch_end`, as shown).
+
+        Args:
+            loader: the epoch's data, usually a `DataLoader`.
+        """
+        start, self._skip_pending = (self.start_batch if self._skip_pending else 0), False
+        if not start:
+            return builtins.enumerate(loader)
+        return self._resumed_epoch(loader, start)
+
+    def _resumed_epoch(self, loader: Iterable[Any], start: int) -> Iterator[tuple[int, Any]]:
+        now = {"rng": rng.capture(), "torch": _capture_torch_rng()}
+        epoch_rng = self._core.epoch_rng
+        path = self._core.restored_path or self.filepath
+        if epoch_rng is None:
+            warnings.warn(
+                f"{path} holds no epoch-begin RNG state (written by an older keras_ckpt): the "
+                "resumed epoch's batch order is the one drawn now.",
+                stacklevel=3,
+            )
+        else:
+            _set_rng(epoch_rng, path)
+        sampler = getattr(loader, "batch_sampler", None)
+        dataset = getattr(loader, "dataset", None)
+        if not isinstance(loader, torch.utils.data.DataLoader) or sampler is None or isinstance(
+            dataset, torch.utils.data.IterableDataset
+        ):
+            items = iter(loader)
+            _set_rng(now, path)
+            for batch, data in builtins.enumerate(items):
+                if batch >= start:
+                    yield batch, data
+            return
+        skipped = _SkipBatches(sampler, start, lambda: _set_rng(now, path))
+        yield from builtins.enumerate(_with_batch_sampler(loader, skipped), start)
+
+    def _mark_epoch_begin(self) -> None:
+        self._core.mark_epoch_begin({"torch": _capture_torch_rng()})
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Count one trained batch (the global step); save if an integer `save_freq` says so.
@@ -311,6 +380,7 @@ class ModelCheckpoint(CheckpointAttributes):
             self._save(epoch, None, logs)
         if preempt:
             self._preempted()
+        self._mark_epoch_begin()  # the next epoch's order is drawn from the RNGs as they are now
 
     def _preempted(self) -> None:
         """Saved for a signal: hand it to the handler that was there before ours."""
@@ -383,6 +453,7 @@ class ModelCheckpoint(CheckpointAttributes):
         state = payload.get("training_state") or {}
         self._core.restored(path, state)
         self.start_batch = self._core.start_batch
+        self._skip_pending = self.start_batch > 0
         torch_rng = (state.get("rng") or {}).get("torch")
         if torch_rng:
             _restore_torch_rng(torch_rng, path)
@@ -429,6 +500,39 @@ class ModelCheckpoint(CheckpointAttributes):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+class _SkipBatches:
+    """A batch sampler without its first ``skip`` batches; ``then()`` runs once they are drawn."""
+
+    def __init__(self, inner: Iterable[Any], skip: int, then: Callable[[], None]) -> None:
+        self.inner, self.skip, self.then = inner, skip, then
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = iter(self.inner)
+        for _ in itertools.islice(batches, self.skip):
+            pass
+        self.then()
+        yield from batches
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.skip, 0)  # type: ignore[arg-type]
+
+
+def _with_batch_sampler(loader: torch.utils.data.DataLoader, batch_sampler: Any) -> Any:
+    """A DataLoader like ``loader`` (workers, collate, pinning, seeds) over ``batch_sampler``."""
+    names = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+             "multiprocessing_context", "generator", "prefetch_factor", "persistent_workers",
+             "pin_memory_device", "in_order")
+    accepted = inspect.signature(torch.utils.data.DataLoader).parameters
+    options = {n: getattr(loader, n) for n in names if n in accepted and hasattr(loader, n)}
+    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=batch_sampler, **options)
+
+
+def _set_rng(state: Mapping[str, Any], path: str) -> None:
+    rng.restore(state.get("rng") or {})
+    if state.get("torch"):
+        _restore_torch_rng(state["torch"], path)
 
 
 class _Unreadable(Exception):

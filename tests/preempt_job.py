@@ -1,7 +1,8 @@
 """Tiny training jobs that tests/test_preemption.py signals in the middle of an epoch.
 
-    python tests/preempt_job.py keras DIR [--pace MARKER] [--log FILE] [--user-handler FILE] ...
-    python tests/preempt_job.py torch DIR [--pace MARKER] [--log FILE] [--dump FILE] [--resume] ...
+    python tests/preempt_job.py keras DIR [--pace MARKER] [--log FILE] [--dump FILE] [--resume] ...
+    python tests/preempt_job.py torch DIR [--pace MARKER] [--log FILE] [--dump FILE] [--resume]
+        [--workers N] ...
     python tests/preempt_job.py mts DIR [--pace MARKER] [--log FILE] --last-step N
     python tests/preempt_job.py estimator DIR ...   (TF <= 2.15 with tensorflow-estimator)
 
@@ -64,7 +65,7 @@ def keras_job(args: argparse.Namespace) -> dict:
     x = rng.normal(size=(160, 6)).astype("float32")
     y = (x[:, 0] + x[:, 1] > 0).astype("int32")
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dense(2, activation="softmax")])
+                              keras.layers.Dropout(0.3), keras.layers.Dense(2, activation="softmax")])
     model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
 
     class Pace(keras.callbacks.Callback):
@@ -87,6 +88,11 @@ def keras_job(args: argparse.Namespace) -> dict:
     )
     hist = model.fit(x, y, batch_size=16, epochs=3, shuffle=True, callbacks=[Pace(), ckpt],
                      verbose=0)
+    if args.dump:
+        arrays = {f"w{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.weights)}
+        arrays.update({f"o{i}": keras.ops.convert_to_numpy(v)
+                       for i, v in enumerate(model.optimizer.variables)})
+        np.savez(args.dump, loss=np.asarray(hist.history["loss"]), **arrays)
     return {"epochs": hist.epoch, "restored": ckpt.restored_path, "preempted": ckpt.preempted,
             "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations))}
 
@@ -127,16 +133,14 @@ def torch_job(args: argparse.Namespace) -> dict:
                            monitor="loss", resume=args.resume,
                            save_on_preemption=_signals(args.signals))
     batches, epochs = 6, 3
+    # Shuffled by the DataLoader from torch's global RNG, which dropout draws from too.
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16,
+                                         shuffle=True, num_workers=args.workers)
     start = ckpt.on_train_begin()
     for epoch in range(start, epochs):
-        # The order comes from the epoch number alone, so a resumed epoch can skip batches.
-        order = torch.randperm(96, generator=torch.Generator().manual_seed(100 + epoch))
-        for batch in range(batches):
-            if batch < ckpt.start_batch:
-                continue
-            idx = order[batch * 16:(batch + 1) * 16]
+        for batch, (xb, yb) in ckpt.enumerate(loader):
             opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
             loss.backward()
             opt.step()
             _append(args.log, str(epoch * batches + batch + 1))
@@ -257,6 +261,7 @@ def main() -> None:
     ap.add_argument("--user-handler")
     ap.add_argument("--slow-save")
     ap.add_argument("--last-step", type=int, default=40)
+    ap.add_argument("--workers", type=int, default=0)
     args = ap.parse_args()
     if args.user_handler:
         _user_handler(args.user_handler)

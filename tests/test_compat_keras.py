@@ -163,3 +163,58 @@ def test_without_the_callback_list_other_callbacks_start_fresh_with_one_warning(
     hist, early, found = run(3, True)  # the model resumes; EarlyStopping starts over
     assert hist.epoch == [2] and len(found) == 1
     assert early.best_epoch == 2 and early.wait == 0
+
+
+def test_fit_iterates_its_epoch_iterator_through_enumerate_iterator_each_epoch():
+    # What _fastforward relies on: in on_epoch_begin, fit's frame (above the CallbackList's)
+    # has a local `epoch_iterator` whose `_enumerate_iterator` generator, looked up on the
+    # instance, yields (begin_step, end_step, iterator-or-data) for that epoch's batches.
+    import inspect
+
+    from keras_ckpt import _fastforward
+
+    found, steps = [], []
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            it = _fastforward._epoch_iterator(inspect.currentframe())
+            found.append(it)
+            if epoch == 1:
+                original = it._enumerate_iterator
+
+                def spying():
+                    del it._enumerate_iterator
+                    for begin, end, data in original():
+                        steps.append((begin, end))
+                        yield begin, end, data
+
+                it._enumerate_iterator = spying
+
+        def on_train_batch_begin(self, batch, logs=None):
+            steps.append(batch)
+
+    x, y = _data()
+    _model().fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[Spy()])
+    assert found[0] is not None and found[0] is found[1] is found[2]
+    batches = len(x) // 8
+    assert steps[batches:3 * batches] == [s for b in range(batches) for s in ((b, b), b)]
+
+
+def test_without_the_epoch_iterator_a_mid_epoch_resume_replays_that_epoch_with_a_warning(
+    tmp_path, monkeypatch
+):
+    x, y = _data()
+    path = str(tmp_path / "c-{epoch}-{batch}.keras")
+    keras_ckpt_args = {"monitor": "loss", "save_freq": 3, "max_to_keep": None}
+    _model().fit(x, y, batch_size=8, epochs=1, verbose=0,
+                 callbacks=[keras_ckpt.ModelCheckpoint(path, **keras_ckpt_args)])
+    real = _compat.available
+    monkeypatch.setattr(
+        _compat, "available", lambda api: api is not _compat.KERAS_EPOCH_ITERATOR and real(api)
+    )
+    ckpt = keras_ckpt.ModelCheckpoint(path, resume=True, **keras_ckpt_args)
+    model = _model()
+    with pytest.warns(UserWarning, match="restarts at batch 0"):
+        hist = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ckpt])
+    assert hist.epoch == [0] and ckpt.restored_path is not None
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 3 + len(x) // 8

@@ -116,10 +116,15 @@ def _newest(directory) -> mf.Record:
 # -- Keras ------------------------------------------------------------------------------------
 
 
-def test_keras_sigterm_mid_epoch_saves_stops_and_resumes(tmp_path):
-    """Both backends at once (two cores: the jobs' start-up dominates)."""
+def test_keras_sigterm_mid_epoch_saves_stops_and_resumes_bitwise(tmp_path):
+    """Both backends at once (two cores: the jobs' start-up dominates): SIGTERM mid-epoch, exit
+    143, resume skips the trained batches and ends bitwise equal to an uninterrupted run."""
     backends = ("tensorflow", "torch")
     envs = {b: _env(KERAS_BACKEND=b) for b in backends}
+    straight = {b: subprocess.Popen(
+        [sys.executable, JOB, "keras", str(tmp_path / f"{b}-ref"), "--dump",
+         str(tmp_path / f"{b}-ref.npz")], env=envs[b], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for b in backends}
     jobs = {b: _Job(["keras", tmp_path / b], envs[b], tmp_path / f"{b}-job") for b in backends}
     records = {}
     for backend, job in jobs.items():
@@ -135,20 +140,32 @@ def test_keras_sigterm_mid_epoch_saves_stops_and_resumes(tmp_path):
         assert {p.name for p in d.iterdir()} - {mf.FILENAME, ".checkpoints.lock"} == (
             mf.load(str(d)).listed_files()
         )
-    resumed = {b: subprocess.Popen([sys.executable, JOB, "keras", str(tmp_path / b), "--resume"],
-                                   env=envs[b], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True) for b in backends}
+    resumed = {b: subprocess.Popen(
+        [sys.executable, JOB, "keras", str(tmp_path / b), "--resume", "--log",
+         str(tmp_path / f"{b}-resumed.log"), "--dump", str(tmp_path / f"{b}-resumed.npz")],
+        env=envs[b], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for b in backends}
     for backend, proc in resumed.items():
         out, err = proc.communicate(timeout=TIMEOUT)
         assert proc.returncode == 0, err[-3000:]
+        assert "restarts at batch 0" not in err and "trained again" not in err, err[-3000:]
         report = json.loads(out.strip().splitlines()[-1])
         record = records[backend]
-        # Resumed from that checkpoint's step; Keras replays the interrupted epoch from batch 0
-        # (10 batches per epoch: epochs 2 and 3 in full after step record.step).
         assert report["restored"] == str(tmp_path / backend / record.path)
-        assert report["epochs"] == [1, 2]
-        assert report["iterations"] == record.step + 20
+        assert report["epochs"] == [1, 2] and report["iterations"] == 30  # 10 batches x 3
         assert report["preempted"] is False
+        # No batch trained twice: the resumed process's first batch is the one after the save.
+        steps = [int(line) for line in (tmp_path / f"{backend}-resumed.log").read_text().split()]
+        assert steps == list(range(record.step + 1, 31)), backend
+        ref_out, ref_err = straight[backend].communicate(timeout=TIMEOUT)
+        assert straight[backend].returncode == 0, ref_err[-3000:]
+        a, b = np.load(tmp_path / f"{backend}-ref.npz"), np.load(tmp_path / f"{backend}-resumed.npz")
+        assert set(a.files) == set(b.files) and any(k.startswith("o") for k in a.files)
+        for key in a.files:  # weights, optimizer slots and iterations; the epochs' mean losses
+            if key == "loss":  # the resumed fit's history starts at the interrupted epoch
+                assert a[key][1:].tobytes() == b[key].tobytes(), (backend, a[key], b[key])
+            else:
+                assert a[key].tobytes() == b[key].tobytes(), (backend, key)
 
 
 def test_keras_users_own_handler_runs_after_the_save(tmp_path):
@@ -186,18 +203,27 @@ def _assert_bitwise_equal(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-def test_torch_sigterm_saves_then_resume_is_bitwise_exact(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_sigterm_saves_then_resume_is_bitwise_exact(tmp_path, workers):
+    """A shuffling DataLoader (in-process or with worker processes) and dropout: the resumed
+    process's ckpt.enumerate(loader) draws the interrupted epoch's order again, skips the
+    trained batches without loading them, and ends bitwise equal to an uninterrupted run."""
     env = _env()
-    _run(["torch", tmp_path / "ref", "--dump", tmp_path / "ref.pt"], env)
+    w = ["--workers", workers]
+    _run(["torch", tmp_path / "ref", "--dump", tmp_path / "ref.pt", *w], env)
     d = tmp_path / "run"
-    code, err, steps = _signalled(["torch", d], env, tmp_path, signal.SIGTERM)
+    code, err, steps = _signalled(["torch", d, *w], env, tmp_path, signal.SIGTERM)
     assert code == -signal.SIGTERM, err[-3000:]
     record = _newest(d)
     assert record.step == steps[-1] and 6 < record.step < 12  # mid epoch 2 (6 batches each)
     saved = _state(d / record.path)["training_state"]
     assert saved["batch"] == record.step - 7  # the 0-based index of the last trained batch
-    report = _report(_run(["torch", d, "--resume", "--dump", tmp_path / "resumed.pt"], env))
+    log = tmp_path / "resumed.log"
+    report = _report(_run(["torch", d, "--resume", "--dump", tmp_path / "resumed.pt", "--log", log,
+                           *w], env))
     assert report["restored"] == str(d / record.path)
+    # No batch trained twice: the first one trained is the one after the checkpoint.
+    assert [int(s) for s in log.read_text().split()] == list(range(record.step + 1, 19))
     _assert_bitwise_equal(_state(tmp_path / "resumed.pt"), _state(tmp_path / "ref.pt"))
 
 
