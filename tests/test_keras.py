@@ -206,14 +206,20 @@ def test_resume_in_a_stock_keras_directory_warns_and_starts_fresh(tmp_path):
     assert names(tmp_path) == ["ck-3.keras", "stock-1.keras", "stock-2.keras"]  # theirs untouched
 
 
-def test_mid_epoch_checkpoint_restarts_that_epoch_with_a_warning(tmp_path):
+def test_mid_epoch_checkpoint_resumes_at_the_next_batch(tmp_path):
     template = str(tmp_path / "ck-{epoch}-{batch}.keras")
     fit(tiny_model(), [keras_ckpt.ModelCheckpoint(template, save_freq=3)], 2)
     # 4 batches per epoch: saves after batches 3 (epoch 1), 2 (epoch 2, 6 total); newest: ck-2-2
     ckpt = keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)
-    with pytest.warns(UserWarning, match="restarts at batch 0"):
-        hist = fit(tiny_model(), [ckpt], 3)
+    model = tiny_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hist = fit(model, [ckpt], 3)
+    assert not [w for w in caught if "batch 0" in str(w.message)]
     assert ckpt.restored_path == str(tmp_path / "ck-2-2.keras") and hist.epoch == [1, 2]
+    # Epoch 2's last 2 batches, then epoch 3: 12 steps as straight, and its saves' names.
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 12
+    assert names(tmp_path) == ["ck-1-3.keras", "ck-2-2.keras", "ck-3-1.keras", "ck-3-4.keras"]
 
 
 # -- drop-in behaviour ------------------------------------------------------------------------
