@@ -36,7 +36,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import os
+import sys
 import time
 import warnings
 import zipfile
@@ -461,41 +463,42 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _HDF5_SIGNATURE_OFFSETS = (0, 512, 1024, 2048, 4096)
 
 
-def file_format(path: str) -> str | None:
+def file_format(path: str, source: storage.StreamedRead | None = None) -> str | None:
     """What ``path`` holds: ``"keras"`` (a zip with Keras's weights member), ``"h5"`` or None.
 
     Reads only the few bytes that tell, so a file of another framework (a torch ``.pt`` is a zip
-    too) or a text file is recognised before a loader fails on it with a low-level error.
+    too) or a text file is recognised before a loader fails on it with a low-level error. With
+    ``source`` the file is read through its descriptor (see :func:`load_into`).
     """
-    with open(path, "rb") as f:
+    with _raw(path, source) as f:
         for offset in _HDF5_SIGNATURE_OFFSETS:
             f.seek(offset)
             if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
                 return "h5"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return "keras" if _WEIGHTS_MEMBER in archive.namelist() else None
-    except zipfile.BadZipFile:
-        return None
+        try:
+            with zipfile.ZipFile(f) as archive:
+                return "keras" if _WEIGHTS_MEMBER in archive.namelist() else None
+        except zipfile.BadZipFile:
+            return None
 
 
-def read_state(path: str) -> bytes | None:
+def read_state(path: str, source: storage.StreamedRead | None = None) -> bytes | None:
     """The training state embedded in a ``.keras``, ``.weights.h5`` or ``.h5`` file, or None.
 
     In every format it is the dataset :data:`STATE_MEMBER` of the HDF5 weights (in a ``.keras``
     archive: inside ``model.weights.h5``, read in place).
     """
-    with open(path, "rb") as raw, _open_weights(path, raw.fileno()) as h5_file:
+    with _weights(path, source) as (h5_file, _, _):
         dataset = h5_file.get(STATE_MEMBER)
         if not isinstance(dataset, h5py.Dataset):
             return None
         return np.asarray(dataset[()], dtype=np.uint8).tobytes()
 
 
-def read_arrays(path: str) -> dict[str, np.ndarray]:
+def read_arrays(path: str, source: storage.StreamedRead | None = None) -> dict[str, np.ndarray]:
     """The arrays the training state refers to (:data:`ARRAYS_GROUP`), by name; {} if none."""
     found: dict[str, np.ndarray] = {}
-    with open(path, "rb") as raw, _open_weights(path, raw.fileno()) as h5_file:
+    with _weights(path, source) as (h5_file, _, _):
         group = h5_file.get(ARRAYS_GROUP)
         if isinstance(group, h5py.Group):
             group.visititems(
@@ -533,28 +536,146 @@ class _Window(_Positioned):
         return done
 
 
-class _ReadStore(_H5IOStore):
-    """Keras's HDF5 weights store over an already opened ``h5py.File``."""
+# Datasets that large are read through a StreamedRead into reused buffers (the rest by h5py).
+_STREAM_MIN_BYTES = _PLAN_MIN_BYTES
 
-    def __init__(self, h5_file: h5py.File) -> None:
+
+class _ReadStore(_H5IOStore):
+    """Keras's HDF5 weights store over an already opened ``h5py.File``.
+
+    Given the :class:`keras_ckpt.storage.StreamedRead` the file is being read through, each
+    large dataset stored as plain bytes is taken from it (which waits until the reading thread
+    has read and checksummed that far) into a reused buffer and handed to Keras's ``assign`` from
+    there; h5py's own read would allocate a fresh array per variable, and fresh memory is what
+    costs most here (page faults: ≈ 0.35 s per 600 MB on the dev VM). A buffer is reused once
+    nothing refers to it any more (an assign that wraps the array without copying keeps it).
+
+    Args:
+        h5_file: the weights, open.
+        source: the stream the file is read through, or None (h5py reads everything).
+        base: where the HDF5 file starts in the streamed file (a ``.keras`` member's offset).
+        length: the HDF5 file's size.
+    """
+
+    def __init__(self, h5_file: h5py.File, source: storage.StreamedRead | None = None,
+                 base: int | None = None, length: int = 0) -> None:
         self._file = h5_file
+        self._source = source if base is not None else None
+        self._base, self._length = base or 0, length
+        self._buffers: list[np.ndarray] = []
         super().__init__("in-memory", mode="r")
 
     def _get_h5_file(self, path_or_io: Any, mode: str | None = None) -> h5py.File:
         return self._file
 
+    def __getitem__(self, key: str) -> Any:
+        extent = self._extent(key) if self._source is not None else None
+        if extent is None:
+            return super().__getitem__(key)
+        offset, dtype, shape = extent
+        nbytes = dtype.itemsize * math.prod(shape)
+        if keras.backend.backend() == "tensorflow":
+            # TF copies a NumPy array twice on the way into a variable (a defensive copy, then
+            # a fresh tensor). A tensor wrapping our own aligned buffer (DLPack) is assigned
+            # without a copy: the variable keeps that buffer, so it is not reused.
+            import tensorflow as tf
 
-def _open_weights(path: str, fd: int) -> h5py.File:
-    if not zipfile.is_zipfile(path):
-        return h5py.File(path, "r")
-    with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo(_WEIGHTS_MEMBER)
-        if info.compress_type != zipfile.ZIP_STORED:
-            return h5py.File(io.BytesIO(archive.read(info)), "r")
-    return h5py.File(_Window(fd, _zip.member_data_offset(fd, info), info.file_size), "r")
+            buf = _aligned(nbytes)
+            self._source.readinto(buf, self._base + offset)  # type: ignore[union-attr]
+            return tf.experimental.dlpack.from_dlpack(buf.view(dtype).reshape(shape).__dlpack__())
+        buf = self._buffer(nbytes)
+        self._source.readinto(buf[:nbytes], self._base + offset)  # type: ignore[union-attr]
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def _extent(self, key: str) -> tuple[int, np.dtype, tuple[int, ...]] | None:
+        """(offset in the HDF5 file, dtype, shape) of dataset ``key`` if its bytes are the array's
+        raw bytes in one contiguous range, else None (Keras's own read handles it)."""
+        group = self._h5_entry_group
+        if not isinstance(group, h5py.Group) or "/" in key or key not in group:
+            return None
+        if group.get(key, getclass=True, getlink=True) is not h5py.HardLink:
+            return None  # Keras's read refuses soft and external links
+        dataset = group[key]
+        if not isinstance(dataset, h5py.Dataset) or "dtype" in dataset.attrs:
+            return None  # bfloat16 is marked so, and Keras converts it
+        dtype, shape = dataset.dtype, tuple(dataset.shape)
+        if dtype.kind not in "iuf" or not dtype.isnative:
+            return None
+        nbytes = dtype.itemsize * math.prod(shape)
+        dcpl = dataset.id.get_create_plist()
+        if (nbytes < _STREAM_MIN_BYTES or dcpl.get_layout() != h5py.h5d.CONTIGUOUS
+                or dcpl.get_nfilters() or dcpl.get_external_count()):
+            return None
+        offset = dataset.id.get_offset()
+        if offset is None or dataset.id.get_storage_size() != nbytes:
+            return None
+        if not 0 <= offset <= self._length - nbytes:  # from the file: never trusted
+            raise ValueError(
+                f"dataset {dataset.name!r} claims bytes [{offset}, {offset + nbytes}) of an HDF5 "
+                f"file of {self._length} bytes"
+            )
+        return offset, dtype, shape
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        for i in range(len(self._buffers)):
+            # Only this list refers to it (views of it refer to it too, their base is this array
+            # that owns the memory): what took its last values has let go of them.
+            if self._buffers[i].nbytes >= nbytes and sys.getrefcount(self._buffers[i]) == 2:
+                return self._buffers[i]
+        self._buffers.append(np.empty(nbytes, np.uint8))
+        return self._buffers[-1]
 
 
-def load_into(model: Any, path: str) -> None:
+def _aligned(nbytes: int) -> np.ndarray:
+    """A new uint8 array whose data starts on a 64-byte boundary (what TF's kernels require)."""
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + nbytes]
+
+
+@contextlib.contextmanager
+def _raw(path: str, source: storage.StreamedRead | None) -> Iterator[IO[bytes]]:
+    """The file unbuffered: through ``source``'s descriptor (opened by storage), else by name."""
+    if source is None:
+        with open(path, "rb", buffering=0) as f:
+            yield f
+    else:
+        with open(source.fd, "rb", buffering=0, closefd=False) as f:
+            yield f
+
+
+@contextlib.contextmanager
+def _weights(
+    path: str, source: storage.StreamedRead | None,
+) -> Iterator[tuple[h5py.File, int | None, int]]:
+    """The HDF5 weights of a ``.keras``, ``.weights.h5`` or ``.h5`` file, open; where they start
+    in the file (None: not stored in place: a compressed member) and their size."""
+    with _raw(path, source) as raw:
+        fd = raw.fileno()
+        size = os.fstat(fd).st_size
+        base: int | None = 0
+        length = size
+        h5_file = None
+        if zipfile.is_zipfile(raw):
+            with zipfile.ZipFile(raw) as archive:
+                info = archive.getinfo(_WEIGHTS_MEMBER)
+                if info.compress_type != zipfile.ZIP_STORED:
+                    h5_file = h5py.File(io.BytesIO(archive.read(info)), "r")
+                    base, length = None, info.file_size
+                else:
+                    base, length = _zip.member_data_offset(fd, info), info.file_size
+                    if base + length > size:  # from the file: never trusted
+                        raise zipfile.BadZipFile(
+                            f"{_WEIGHTS_MEMBER} claims bytes [{base}, {base + length}) of an "
+                            f"archive of {size} bytes"
+                        )
+        if h5_file is None:
+            h5_file = h5py.File(_Window(fd, base or 0, length), "r")
+        with h5_file:
+            yield h5_file, base, length
+
+
+def load_into(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:
     """Load weights and, where the file has them, optimizer variables into ``model``.
 
     Works on ``.keras`` archives (ours or Keras's) and ``.weights.h5`` files. Keras's trap:
@@ -562,6 +683,11 @@ def load_into(model: Any, path: str) -> None:
     ``load_weights`` then skips the saved ones with only a warning (the iteration count
     silently restarts at 0). So a compiled model's optimizer is built here first. Assets are not
     reloaded: the model object already holds its own, as with ``load_weights``.
+
+    With ``source`` (the file being read and checksummed by
+    :meth:`keras_ckpt.storage.LocalStorage.stream`), the file is read through its descriptor and
+    each variable is assigned as soon as the stream has read its bytes: one read of the file
+    verifies and loads it. The caller compares the checksum afterwards.
     """
     if not model.built:
         raise ValueError(
@@ -572,9 +698,9 @@ def load_into(model: Any, path: str) -> None:
     if optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
     if not fast_read_available():
-        _load_with_keras(model, path)
+        _load_with_keras(model, path, source)
         return
-    with open(path, "rb") as raw, _open_weights(path, raw.fileno()) as h5_file:
+    with _weights(path, source) as (h5_file, base, length):
         # A file saved without the optimizer keeps the optimizer's fresh state, without
         # Keras's variable-count warning.
         skip = {id(optimizer)} if optimizer is not None and _OPTIMIZER_PATH not in h5_file else set()
@@ -582,7 +708,7 @@ def load_into(model: Any, path: str) -> None:
         errors: dict[int, Any] = {}
         _compat.resolve(_compat.KERAS_LOAD_STATE)(
             model,
-            weights_store=_ReadStore(h5_file),
+            weights_store=_ReadStore(h5_file, source, base, length),
             assets_store=None,
             inner_path="",
             visited_saveables=skip,
@@ -594,9 +720,9 @@ def load_into(model: Any, path: str) -> None:
         _compat.resolve(_compat.KERAS_RAISE_LOADING_FAILURE)(errors)
 
 
-def _load_with_keras(model: Any, path: str) -> None:
+def _load_with_keras(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:
     """The public route: ``model.load_weights`` (the optimizer is already built)."""
-    with open(path, "rb") as raw, _open_weights(path, raw.fileno()) as h5_file:
+    with _weights(path, source) as (h5_file, _, _):
         has_optimizer = _OPTIMIZER_PATH in h5_file
     with warnings.catch_warnings():
         if not has_optimizer:

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from keras_ckpt import manifest as mf
 from keras_ckpt import rng
@@ -28,8 +28,10 @@ from keras_ckpt.policy import (
     undecidable_mode,
 )
 from keras_ckpt.preemption import PreemptionGuard
+from keras_ckpt.storage import StreamedRead
 
 STATE_FORMAT = 1
+T = TypeVar("T")
 
 # Writes the payload: (transaction, rendered path, training state) -> None.
 PayloadWriter = Callable[[Transaction, str, dict], None]
@@ -77,6 +79,7 @@ class Checkpointer:
         )
         self.restored_path: str | None = None
         self._import: tuple[str, Record | None] | None = None
+        self._verify_on_load: Record | None = None  # what load() checksums as it reads
         self._renamed_warned = False
         self._began = False
         self.restored_state: dict | None = None
@@ -144,6 +147,7 @@ class Checkpointer:
         self._last_batch_seen = None
         self._batches_since_save = 0
         self._import = None
+        self._verify_on_load = None
         first_begin, self._began = not self._began, True
         if self.resume is False:
             if first_begin and self.engine.records:
@@ -160,7 +164,8 @@ class Checkpointer:
                     "those files alone.",
                     stacklevel=3,
                 )
-            record = self.engine.latest_valid()
+            # Checksummed while it loads (load()): the file is read once.
+            record = self._verify_on_load = self.engine.latest_plausible()
             return self.engine.path_of(record) if record else None
         own = self.engine.latest_valid() if self.engine.records else None
         if os.path.realpath(os.fspath(self.resume)) == os.path.realpath(self.engine.directory):
@@ -173,6 +178,21 @@ class Checkpointer:
             return self.engine.path_of(own)
         self._import = (path, record)
         return path
+
+    def load(self, path: str, load_file: Callable[[str, StreamedRead | None], T]) -> tuple[str, T]:
+        """Load the checkpoint :meth:`begin` returned: ``load_file(path, stream)``.
+
+        With ``resume=True`` the file's checksum is verified as it loads, from the ``stream``
+        ``load_file`` reads it through, and a corrupt one is replaced by the previous good
+        checkpoint (:meth:`keras_ckpt.engine.Engine.restore_newest`); returns the path loaded and
+        what ``load_file`` returned. Otherwise (``resume=<path>``, verified when it was located)
+        ``stream`` is None.
+        """
+        start, self._verify_on_load = self._verify_on_load, None
+        if start is None or self.engine.path_of(start) != path:
+            return path, load_file(path, None)
+        record, loaded = self.engine.restore_newest(start, load_file)
+        return self.engine.path_of(record), loaded  # type: ignore[return-value]
 
     def end(self) -> None:
         """Training ended (or failed): let other processes write this directory again, and

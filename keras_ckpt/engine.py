@@ -34,7 +34,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from keras_ckpt import manifest as mf
 from keras_ckpt import storage
@@ -44,6 +44,7 @@ from keras_ckpt.policy import Candidate as _Candidate
 
 _CHECKPOINT_SUFFIXES = (".keras", ".h5", ".pt", ".pth", ".pth.tar", ".index", ".ckpt")
 _COPY_CHUNK = 16 << 20
+T = TypeVar("T")
 
 
 class Transaction:
@@ -644,6 +645,68 @@ class Engine:
         """The newest record of this series whose files verify (a warning names each bad one)."""
         return newest_valid(self.store, self._records)
 
+    def latest_plausible(self) -> Record | None:
+        """The newest record whose files are there with their sizes, read no further (a warning
+        names each one skipped): where :meth:`restore_newest` starts."""
+        for record in sorted(self._records, key=lambda r: r.seq, reverse=True):
+            problem = next(filter(None, (self.store.check(f.path, f.bytes) for f in record.files)), None)
+            if problem is None:
+                return record
+            _warn_skipped(self.store, record, problem)
+        return None
+
+    def restore_newest(
+        self, start: Record, load: Callable[[str, storage.StreamedRead | None], T]
+    ) -> tuple[Record, T]:
+        """Load ``start`` or, if it turns out corrupt, the newest earlier record that verifies.
+
+        Each file is read once: ``load(path, stream)`` takes its bytes from the
+        :class:`~keras_ckpt.storage.StreamedRead` while it reads and checksums them, and the
+        checksum is compared when ``load`` returns (or raises: an error from a corrupt file is
+        that file's corruption, one from a good file is raised). A corrupt file's bytes may
+        already be in the framework's objects by then: a warning names it and the previous
+        checkpoint is loaded over them, completely. Records of several files (TF's) are verified
+        first and loaded with ``stream=None``.
+
+        Raises:
+            ValueError: no record from ``start`` back verifies, after ``load`` wrote into the
+                objects; starting fresh from half-loaded values would go unnoticed.
+        """
+        tried: list[str] = []
+        for record in sorted(self._records, key=lambda r: r.seq, reverse=True):
+            if record.seq > start.seq:
+                continue
+            path = self.path_of(record)
+            if len(record.files) != 1:
+                problem = verify(self.store, record)
+                if problem is None:
+                    return record, load(path, None)
+            else:
+                entry = record.files[0]
+                stream, problem = self.store.stream(entry.path, entry.bytes, entry.xxh3_128)
+                if stream is not None:
+                    tried.append(record.name)
+                    with stream:
+                        try:
+                            result = load(path, stream)
+                        except Exception:
+                            problem = stream.finish()
+                            if problem is None:
+                                raise
+                        else:
+                            problem = stream.finish()
+                            if problem is None:
+                                return record, result
+            _warn_skipped(self.store, record, problem)
+        half = (f", and {', '.join(tried)} was found corrupt only while it was loaded, so the "
+                "model holds part of its values. Build the model again and pass" if tried else
+                ". Pass")
+        raise ValueError(
+            f"resume: no checkpoint of {self.series} in {self.directory} verifies{half} "
+            "resume=False to start fresh (or put a good copy of a checkpoint back). "
+            "Received: resume=True"
+        )
+
 
 def _baseline(stored: tuple[float, int] | None) -> _Candidate | None:
     """A series' stored baseline (value, seq) as a candidate for best, held by no record."""
@@ -762,12 +825,16 @@ def newest_valid(
         if problem is None:
             return record
         if not quiet:
-            warnings.warn(
-                f"keras_ckpt: skipping checkpoint {record.name!r} in {store.directory}: {problem} "
-                "(corrupt or incomplete); trying the previous one.",
-                stacklevel=3,
-            )
+            _warn_skipped(store, record, problem)
     return None
+
+
+def _warn_skipped(store: storage.LocalStorage, record: Record, problem: str | None) -> None:
+    warnings.warn(
+        f"keras_ckpt: skipping checkpoint {record.name!r} in {store.directory}: {problem} "
+        "(corrupt or incomplete); trying the previous one.",
+        stacklevel=4,
+    )
 
 
 def in_flight(m: Manifest) -> dict[str, FileEntry]:

@@ -18,6 +18,7 @@ from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
 from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
+from keras_ckpt.storage import StreamedRead
 
 _SEED_STATE = "seed_generator_state"
 
@@ -334,12 +335,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
     # -- restoring ----------------------------------------------------------------------------
 
     def _restore(self, path: str) -> None:
-        self._check_format(path)
-        if path.endswith(".h5") and not path.endswith(".weights.h5"):
-            self._load_legacy_h5(path)
-        else:
-            _kerasio.load_into(self.model, path)
-        blob = _kerasio.read_state(path)
+        # Read once: checksummed while it loads, the previous checkpoint loaded if it is corrupt.
+        path, blob = self._core.load(path, self._load_file)
         state = json.loads(blob) if blob else None
         if state is None:
             warnings.warn(
@@ -379,10 +376,20 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 f"{'None' if self.best is None else f'{self.best:.5f}'})"
             )
 
-    def _check_format(self, path: str) -> None:
+    def _load_file(self, path: str, source: StreamedRead | None) -> bytes | None:
+        """Load the model's and optimizer's variables from ``path`` (through ``source``, the
+        stream that checksums it, where given); return the training state's bytes."""
+        self._check_format(path, source)
+        if path.endswith(".h5") and not path.endswith(".weights.h5"):
+            self._load_legacy_h5(path)
+        else:
+            _kerasio.load_into(self.model, path, source)
+        return _kerasio.read_state(path, source)
+
+    def _check_format(self, path: str, source: StreamedRead | None = None) -> None:
         """A ValueError naming ``resume`` for a file no Keras loader reads (e.g. a torch ``.pt``)."""
         expected = "h5" if path.endswith(".h5") else "keras"
-        found = _kerasio.file_format(path)
+        found = _kerasio.file_format(path, source)
         if found == expected:
             return
         kinds = {"keras": "a .keras zip archive", "h5": "an HDF5 file"}

@@ -24,7 +24,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from typing import IO, Callable, NamedTuple
+from typing import IO, Any, Callable, NamedTuple
 
 import xxhash
 
@@ -660,6 +660,122 @@ def holds_writer(directory: str) -> bool:
 # -- one directory, behind one small interface ------------------------------------------------------
 
 
+_STREAM_CHUNK = 4 << 20
+_STREAM_AHEAD = 4  # chunks the disk is asked for ahead of the one being hashed
+
+
+class StreamedRead:
+    """A checkpoint file read once, front to back, on a background thread that checksums it.
+
+    A loader takes the file's bytes while the thread reads, so restoring costs one read of the
+    file instead of a verifying read and then a loading one: :meth:`readinto` (and
+    :meth:`wait`) block until the thread has read and hashed past the range asked for, then copy
+    it from the page cache the thread just filled. Reads outside the file are refused. The
+    thread reads into one small buffer, reused, and asks the kernel for the chunks ahead
+    (``POSIX_FADV_WILLNEED``) so the disk keeps working while a chunk is hashed.
+
+    The bytes a loader took are only known good once :meth:`finish` returns None: it reads
+    whatever the loader did not need and compares the checksum. Use as a context manager; the
+    descriptor stays open until :meth:`close`.
+
+    Args:
+        fd: an open descriptor of the regular file (this object closes it).
+        name: the file's name, for messages.
+        size: its size (already checked against the manifest).
+        digest: the xxh3-128 hex digest the manifest records for it.
+    """
+
+    def __init__(self, fd: int, name: str, size: int, digest: str) -> None:
+        self.fd, self.name, self.size = fd, name, size
+        self._digest = digest
+        self._done = 0  # bytes read and hashed so far
+        self._error: BaseException | None = None
+        self._stop = False
+        self._cond = threading.Condition()
+        self._hash = xxhash.xxh3_128()
+        self._thread = threading.Thread(target=self._run, name="keras_ckpt-restore-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with contextlib.suppress(OSError, AttributeError):  # only a hint
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            buf = memoryview(bytearray(min(_STREAM_CHUNK, max(self.size, 1))))
+            ahead = 0
+            while self._done < self.size and not self._stop:
+                if ahead < self.size and hasattr(os, "posix_fadvise"):
+                    want = min(self.size, self._done + _STREAM_AHEAD * _STREAM_CHUNK)
+                    if want > ahead:
+                        os.posix_fadvise(self.fd, ahead, want - ahead, os.POSIX_FADV_WILLNEED)
+                        ahead = want
+                piece = buf[: min(len(buf), self.size - self._done)]
+                n = os.preadv(self.fd, [piece], self._done)
+                if not n:
+                    raise EOFError(f"{self.name} is shorter than the manifest says (truncated while read)")
+                self._hash.update(piece[:n])
+                with self._cond:
+                    self._done += n
+                    self._cond.notify_all()
+        except BaseException as e:  # handed to the loader's thread
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            with self._cond:
+                self._stop = True
+                self._cond.notify_all()
+
+    def wait(self, end: int) -> None:
+        """Block until the first ``end`` bytes are read and hashed; OSError if reading failed."""
+        if not 0 <= end <= self.size:
+            raise ValueError(f"{self.name}: a read up to byte {end} lies outside its {self.size} bytes")
+        with self._cond:
+            while self._done < end and self._error is None and not self._stop:
+                self._cond.wait()
+            if self._done < end:
+                raise OSError(f"{self.name} could not be read: {self._error or 'reading stopped'}")
+
+    def readinto(self, buffer: Any, offset: int) -> None:
+        """Fill ``buffer`` with the file's bytes from ``offset`` once the thread has read them."""
+        view = memoryview(buffer).cast("B")
+        if offset < 0:
+            raise ValueError(f"{self.name}: a read at byte {offset} lies outside the file")
+        self.wait(offset + len(view))
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if not n:
+                raise OSError(f"{self.name} shrank while it was read")
+            done += n
+
+    def finish(self) -> str | None:
+        """Read the rest and compare the checksum: None if the file is the one the manifest lists,
+        else why not."""
+        self._thread.join()
+        if self._error is not None:
+            if isinstance(self._error, (OSError, EOFError)):
+                return str(self._error)
+            raise self._error
+        if self._done != self.size:
+            return f"{self.name} could not be read to the end"
+        if self._hash.hexdigest() != self._digest:
+            return f"{self.name} does not match its checksum"
+        return None
+
+    def close(self) -> None:
+        """Stop reading (a loader that failed) and close the descriptor."""
+        self._stop = True
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def __enter__(self) -> StreamedRead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class FileState(NamedTuple):
     kind: str  # "file", "missing" or "other" (a directory, FIFO, device, symlink)
     size: int
@@ -747,10 +863,10 @@ class LocalStorage:
             raise ValueError(f"{self.path(name)} is larger than {limit} bytes")
         return data
 
-    def hash(self, name: str, expected_size: int) -> tuple[str | None, str | None]:
-        """(xxh3-128 digest, None), or (None, why not): a missing or special file, a wrong size.
+    def _open_checked(self, name: str, expected_size: int) -> tuple[int | None, str | None]:
+        """(descriptor, None) of regular file ``name`` of ``expected_size`` bytes, or (None, why not).
 
-        The size is compared before a byte is read; a FIFO or device never blocks or streams.
+        Never follows a symlink, never blocks on a FIFO, and compares the size before a byte is read.
         """
         path = self.path(name)
         try:
@@ -762,12 +878,44 @@ class LocalStorage:
                 return None, f"{name} is a symbolic link, not a checkpoint file"
             return None, f"{name} cannot be read ({e.strerror or e})"
         st = os.fstat(fd)
+        problem = None
         if not stat_mod.S_ISREG(st.st_mode):
+            problem = f"{name} is not a regular file"
+        elif st.st_size != expected_size:
+            problem = f"{name} has {st.st_size} bytes, the manifest says {expected_size}"
+        if problem is not None:
             os.close(fd)
-            return None, f"{name} is not a regular file"
+            return None, problem
+        return fd, None
+
+    def check(self, name: str, expected_size: int) -> str | None:
+        """Why ``name`` cannot be the file the manifest lists (missing, special, wrong size), or
+        None; reads no byte of it (the checksum is :meth:`hash`'s or :meth:`stream`'s)."""
+        fd, problem = self._open_checked(name, expected_size)
+        if fd is not None:
+            os.close(fd)
+        return problem
+
+    def stream(self, name: str, expected_size: int, digest: str) -> tuple[StreamedRead | None, str | None]:
+        """(a :class:`StreamedRead` of ``name`` checked against ``digest``, None), or (None, why not).
+
+        The same checks as :meth:`hash` come first; the file is then read once, on a background
+        thread, while the caller loads from it.
+        """
+        fd, problem = self._open_checked(name, expected_size)
+        if fd is None:
+            return None, problem
+        return StreamedRead(fd, name, expected_size, digest), None
+
+    def hash(self, name: str, expected_size: int) -> tuple[str | None, str | None]:
+        """(xxh3-128 digest, None), or (None, why not): a missing or special file, a wrong size.
+
+        The size is compared before a byte is read; a FIFO or device never blocks or streams.
+        """
+        fd, problem = self._open_checked(name, expected_size)
+        if fd is None:
+            return None, problem
         with os.fdopen(fd, "rb", buffering=0) as f:
-            if st.st_size != expected_size:
-                return None, f"{name} has {st.st_size} bytes, the manifest says {expected_size}"
             h = xxhash.xxh3_128()
             read = 0
             for piece in _chunks(f, expected_size):

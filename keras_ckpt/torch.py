@@ -253,13 +253,9 @@ class ModelCheckpoint(CheckpointAttributes):
         path = self._core.begin()
         if path is not None:
             try:
-                try:
-                    payload = _load(path)
-                except _Unreadable as e:
-                    raise ValueError(
-                        f"resume={self._core.resume!r}: {e} Received: resume={self._core.resume!r}"
-                    ) from None
-                self._restore(path, payload)
+                # Read once: checksummed while it loads, the previous one loaded if it is corrupt.
+                path, payload = self._core.load(path, self._load_file)
+                self._adopt(path, payload)
             except BaseException:
                 self._core.end()  # nothing was trained: leave the directory to other writers
                 raise
@@ -429,9 +425,22 @@ class ModelCheckpoint(CheckpointAttributes):
             payload = _load(path)
         except _Unreadable as e:
             raise ValueError(str(e)) from None
-        self._restore(path, payload)
+        self._assign(path, payload)
+        self._adopt(path, payload)
 
-    def _restore(self, path: str, payload: Mapping[str, Any]) -> None:
+    def _load_file(self, path: str, source: storage.StreamedRead | None) -> Mapping[str, Any]:
+        """The checkpoint at ``path`` loaded into the objects (through ``source`` where given)."""
+        try:
+            payload = _load(path, source)
+        except _Unreadable as e:
+            raise ValueError(
+                f"resume={self._core.resume!r}: {e} Received: resume={self._core.resume!r}"
+            ) from None
+        self._assign(path, payload)
+        return payload
+
+    def _assign(self, path: str, payload: Mapping[str, Any]) -> None:
+        """Check the payload against the objects, then load it into them."""
         module = _plain_module(self.model)
         current = module.state_dict()
         self._check_keys(path, "model key", set(payload["model"]), set(current))
@@ -450,6 +459,9 @@ class ModelCheckpoint(CheckpointAttributes):
         for name, obj in targets.items():
             if name in saved:
                 obj.load_state_dict(saved[name])
+
+    def _adopt(self, path: str, payload: Mapping[str, Any]) -> None:
+        """The training state (epoch, step, RNGs, best) of the checkpoint loaded from ``path``."""
         state = payload.get("training_state") or {}
         self._core.restored(path, state)
         self.start_batch = self._core.start_batch
@@ -539,14 +551,27 @@ class _Unreadable(Exception):
     """A file that is not a checkpoint this module wrote (the message says what it is)."""
 
 
-def _load(path: str) -> Mapping[str, Any]:
+def _load(path: str, source: storage.StreamedRead | None = None) -> Mapping[str, Any]:
     """``torch.load(path, weights_only=True)`` of a keras_ckpt.torch checkpoint, onto the CPU.
 
     Anything else raises :class:`_Unreadable`, whose message says what the file is instead of
     torch's advice to retry with ``weights_only=False`` (which would run code from the file).
+
+    With ``source`` (the stream reading and checksumming the file, see
+    :meth:`keras_ckpt.engine.Engine.restore_newest`), the file storage opened is memory-mapped
+    (``mmap=True``, through ``/proc/self/fd``: the very file storage checked, no path followed
+    again): the tensors are views of the page cache that the stream fills, copied into the
+    model by ``load_state_dict`` as the stream goes, instead of one fresh allocation of the
+    whole file. Every other tensor (optimizer state, which ``load_state_dict`` keeps as given)
+    is copied out of the mapping, so nothing outlives this restore pointing into the file.
     """
+    mapped = source is not None and os.path.exists(f"/proc/self/fd/{source.fd}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if mapped:
+            payload = torch.load(f"/proc/self/fd/{source.fd}", map_location="cpu",  # type: ignore[union-attr]
+                                 weights_only=True, mmap=True)
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as e:
         if not zipfile.is_zipfile(path):
             what = "not a file torch.save wrote"
@@ -560,7 +585,21 @@ def _load(path: str) -> Mapping[str, Any]:
         raise _Unreadable(f"{path} is {what} ({type(e).__name__}).") from None
     if not isinstance(payload, Mapping) or "model" not in payload:
         raise _Unreadable(f"{path} is not a keras_ckpt.torch checkpoint (no 'model' entry).")
+    if mapped:
+        payload = {k: v if k == "model" else _unmapped(v) for k, v in payload.items()}
     return payload
+
+
+def _unmapped(value: Any) -> Any:
+    """``value`` with every tensor copied into memory of its own (out of a file mapping)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, Mapping):
+        items = ((k, _unmapped(v)) for k, v in value.items())
+        return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unmapped(v) for v in value)
+    return value
 
 
 def _has_record(path: str, name: str) -> bool:

@@ -1,0 +1,147 @@
+"""Resume reads each checkpoint once, checksumming while it loads; a corrupt one is replaced."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import xxhash
+
+keras = pytest.importorskip("keras")
+
+import keras_ckpt  # noqa: E402
+from keras_ckpt import storage  # noqa: E402
+
+
+def big_model():
+    # 128 x 256 float32 kernels (128 KiB) and their Adam slots: read through the stream, not h5py.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((128,)), keras.layers.Dense(256), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+class Values(keras.callbacks.Callback):
+    """Every weight and optimizer variable after each epoch, as NumPy copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append(values(self.model))
+
+
+def values(model):
+    return [np.array(v.numpy()) for v in model.weights + model.optimizer.variables]
+
+
+def flip_middle_byte(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def train(template, epochs, **kw):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 128)).astype("float32")
+    model = big_model()
+    seen = Values()
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", **kw)
+    model.fit(x, x[:, :1], batch_size=8, epochs=epochs, verbose=0, callbacks=[seen, ckpt])
+    return seen.epochs, ckpt
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_a_corrupt_newest_found_while_loading_gives_the_previous_one_bitwise(tmp_path, suffix):
+    template = str(tmp_path / f"ck-{{epoch}}{suffix}")
+    weights_only = suffix == ".weights.h5"
+    seen, first = train(template, 2, save_weights_only=weights_only)
+    flip_middle_byte(first.latest_path)  # its size is right: only the checksum can tell
+
+    model = big_model()
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=weights_only,
+                                      resume=True)
+    ckpt.set_model(model)
+    with pytest.warns(UserWarning, match=rf"skipping checkpoint 'ck-2'.*ck-2{suffix} does not match"):
+        ckpt.on_train_begin()
+    ckpt.on_train_end()
+    assert ckpt.restored_path == str(tmp_path / f"ck-1{suffix}")
+    for got, want in zip(values(model), seen[0]):
+        np.testing.assert_array_equal(got, want)  # bitwise: nothing of ck-2 is left
+    assert model._initial_epoch is None or model._initial_epoch == 1
+
+
+def test_when_every_checkpoint_turns_out_corrupt_resume_refuses_to_start_fresh(tmp_path):
+    template = str(tmp_path / "ck-{epoch}.keras")
+    _, first = train(template, 2)
+    for record in first.checkpoints:
+        flip_middle_byte(tmp_path / record.path)
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
+    ckpt.set_model(big_model())
+    with pytest.warns(UserWarning, match="skipping checkpoint"), pytest.raises(
+        ValueError, match=r"resume: no checkpoint .* verifies.*partly|holds part.*resume=True"
+    ):
+        ckpt.on_train_begin()
+
+
+def test_torch_corrupt_newest_found_while_loading_gives_the_previous_one_bitwise(tmp_path):
+    torch = pytest.importorskip("torch")
+    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 1))
+        return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+    template = str(tmp_path / "c-{epoch}.pt")
+    model, opt = build()
+    ckpt = TorchCheckpoint(template, model=model, optimizer=opt)
+    ckpt.on_train_begin()
+    saved = []
+    for epoch in range(2):
+        model(torch.ones(4, 256)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ckpt.on_epoch_end(epoch)
+        slots = opt.state_dict()["state"]
+        saved.append(({k: v.clone() for k, v in model.state_dict().items()},
+                      {i: {k: v.clone() for k, v in s.items()} for i, s in slots.items()}))
+    ckpt.on_train_end()
+    flip_middle_byte(ckpt.latest_path)
+
+    model2, opt2 = build()
+    again = TorchCheckpoint(template, model=model2, optimizer=opt2, resume=True)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint 'c-2'.*does not match"):
+        assert again.on_train_begin() == 1
+    again.on_train_end()
+    weights, state = saved[0]
+    for key, value in model2.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    for i, slots in opt2.state_dict()["state"].items():
+        for k, v in slots.items():
+            assert torch.equal(v, state[i][k]), (i, k)
+
+
+def test_a_stream_refuses_reads_outside_the_file_and_names_a_checksum_mismatch(tmp_path):
+    data = os.urandom(3 << 20)
+    (tmp_path / "f.bin").write_bytes(data)
+    store = storage.LocalStorage(str(tmp_path))
+    stream, problem = store.stream("f.bin", len(data), xxhash.xxh3_128_hexdigest(data))
+    assert problem is None
+    with stream:
+        buf = bytearray(16)
+        stream.readinto(buf, len(data) - 16)
+        assert bytes(buf) == data[-16:]
+        with pytest.raises(ValueError, match="outside"):
+            stream.readinto(bytearray(17), len(data) - 16)
+        assert stream.finish() is None
+    stream, _ = store.stream("f.bin", len(data), "0" * 32)
+    with stream:
+        assert stream.finish() == "f.bin does not match its checksum"
+    assert store.stream("f.bin", len(data) + 1, "0" * 32) == (
+        None, f"f.bin has {len(data)} bytes, the manifest says {len(data) + 1}")
