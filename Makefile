@@ -2,6 +2,7 @@
 #   make demo  - create .venv, train the Keras example, preempt it (SIGTERM), rerun it (it resumes),
 #                chain a second job from its read-only output, list the checkpoints
 #   make test  - create .venv, .venv-tf215 and .venv-jax, run the whole test suite in them
+#   make bench - the benchmark table of docs/benchmarks.md (~10 min; not part of `make test`)
 PYTHON ?= python3
 VENV ?= .venv
 VENV_TF215 ?= .venv-tf215
@@ -15,7 +16,7 @@ JAX_PINS = "jax[cpu]==0.10.2" "keras>=3.15,<3.16" "h5py<3.15"
 KERAS_TESTS = tests/test_keras.py tests/test_kerasio.py tests/test_keras_peer.py \
 	tests/test_compat_keras.py tests/test_keras_crash.py tests/test_callbacks_state.py
 
-.PHONY: demo test test-main test-estimator test-jax lint clean
+.PHONY: demo test test-main test-estimator test-jax lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +64,9 @@ test-estimator: $(VENV_TF215)/.installed
 
 test-jax: $(VENV_JAX)/.installed
 	KERAS_BACKEND=jax $(VENV_JAX)/bin/python -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check keras_ckpt tests examples benchmarks

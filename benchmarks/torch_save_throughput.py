@@ -40,8 +40,9 @@ from keras_ckpt import storage
 from keras_ckpt.torch import ModelCheckpoint
 
 
-def build(params: float, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    width = 4096
+def build(
+    params: float, device: str, width: int = 4096
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     layers = max(1, round(params / (width * width)))
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
