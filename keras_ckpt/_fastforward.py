@@ -17,6 +17,7 @@ generator with its own state, per-worker random augmentation — resumes in its 
 
 from __future__ import annotations
 
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,7 +41,11 @@ class Resumed:
     epoch_rng: dict[str, Any] | None
     batch_rng: dict[str, Any]
     restore_rng: Callable[[dict[str, Any] | None], None]
-    metrics: list | None
+    # Puts back the epoch-begin RNGs (Checkpointer.enter_epoch_rng: it warns if it cannot).
+    enter_epoch: Callable[[], Any]
+    # Warns that the input had only that many batches to skip (Checkpointer.input_ran_out).
+    ran_out: Callable[[int], None]
+    metrics: Any
     # The batch fit steps through again without training (the saved batch was the epoch's last).
     replayed: int | None = None
 
@@ -52,14 +57,19 @@ def metric_values(model: Any) -> list:
 
 def _set_metrics(model: Any, values: list | None) -> bool:
     variables = list(model.metrics_variables)
-    if values is None or len(values) != len(variables):
+    if not isinstance(values, list) or len(values) != len(variables):
         return False
+    arrays = []
     for variable, value in zip(variables, values):
-        array = np.asarray(value, dtype=variable.dtype)
+        try:  # read from the file: anything a JSON list can hold
+            array = np.asarray(value, dtype=variable.dtype)
+        except (TypeError, ValueError, OverflowError):
+            return False
         if tuple(array.shape) != tuple(variable.shape):
             return False
-    for variable, value in zip(variables, values):
-        variable.assign(np.asarray(value, dtype=variable.dtype))
+        arrays.append(array)
+    for variable, array in zip(variables, arrays):
+        variable.assign(array)
     return True
 
 
@@ -93,7 +103,7 @@ def skip(frame: types.FrameType | None, model: Any, resumed: Resumed, start_batc
 
     def skipping() -> Iterator[tuple[int, int, Any]]:
         del iterator._enumerate_iterator  # this epoch only
-        resumed.restore_rng(resumed.epoch_rng)  # the order is drawn as the epoch starts
+        resumed.enter_epoch()  # the order is drawn as the epoch starts
         steps = original()
         done, sample = 0, None
         for begin, end, data in steps:
@@ -102,16 +112,20 @@ def skip(frame: types.FrameType | None, model: Any, resumed: Resumed, start_batc
                     for _ in range(end - begin + 1):
                         sample = next(data)
                 except StopIteration:
-                    _ran_out(resumed, done, start_batch)
+                    resumed.ran_out(done)
                     break
                 done = end + 1
                 continue
             if end < start_batch:
+                if end + 1 < start_batch:  # this input's epoch is shorter than the one saved
+                    resumed.ran_out(end + 1)
                 # The saved batch was the epoch's last: an epoch without a step would leave fit
                 # without its logs (and jax's fit without a state), so this one step runs, but
                 # only reads its data and returns the restored metrics.
                 _resume_state(resumed, model, sample)
-                _replay_without_training(model, resumed, begin, end)
+                # (The group's last batch numbers can run past the epoch's: Keras numbers the
+                # short last group of steps_per_execution as a whole one.)
+                _replay_without_training(model, iterator, resumed, end, min(end + 1, total) - begin)
                 yield begin, end, data
                 yield from steps
                 return
@@ -131,17 +145,22 @@ def skip(frame: types.FrameType | None, model: Any, resumed: Resumed, start_batc
     iterator._enumerate_iterator = skipping
 
 
-def _replay_without_training(model: Any, resumed: Resumed, begin: int, end: int) -> None:
-    """Make fit's next ``train_function`` call consume one step's data and train nothing."""
+def _replay_without_training(
+    model: Any, iterator: Any, resumed: Resumed, end: int, batches: int
+) -> None:
+    """Make fit's next ``train_function`` call consume its ``batches`` batches and train nothing."""
     train = model.train_function
     logs = model.get_metrics_result()
     resumed.replayed = end
 
     def replay(*args: Any) -> Any:
         model.train_function = train
+        if _epoch_iterator(inspect.currentframe().f_back) is not iterator:
+            # A later fit(): the resumed one raised before this step (in a batch-begin hook).
+            return train(*args)
         data = args[-1]
         if hasattr(data, "__next__"):  # tensorflow, jax: the step pulls its batches itself
-            for _ in range(end - begin + 1):
+            for _ in range(batches):
                 next(data)
         # jax's step is (state, data) -> (logs, state): the state goes back unchanged.
         return (logs, args[0]) if len(args) == 2 else logs
@@ -159,16 +178,10 @@ def _resume_state(resumed: Resumed, model: Any, sample: Any) -> None:
         # build them now, from a skipped batch, as the other backends' fit does at its start.
         model._symbolic_build(data_batch=sample)
     if not _set_metrics(model, resumed.metrics):
+        what = ("holds no running metrics (written by an older keras_ckpt)"
+                if resumed.metrics is None else "has running metrics that do not fit this model")
         warnings.warn(
-            f"Resuming {resumed.path}: its running metrics do not match this model's; the "
-            "interrupted epoch's logged loss and metrics cover only the batches trained now.",
+            f"Resuming {resumed.path}: it {what}; the interrupted epoch's logged loss and "
+            "metrics cover only the batches trained now.",
             stacklevel=3,
         )
-
-
-def _ran_out(resumed: Resumed, done: int, start_batch: int) -> None:
-    warnings.warn(
-        f"Resuming {resumed.path}: the input ran out after {done} of the {start_batch} batches "
-        "to skip (different data than the interrupted run?); the epoch ends here.",
-        stacklevel=3,
-    )

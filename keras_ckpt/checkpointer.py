@@ -229,6 +229,16 @@ class Checkpointer:
         self.restored_state = dict(state) if state else None
         if not state:
             return
+        for key in ("epoch", "step", "batch"):
+            value = state.get(key, None if key == "batch" else 0)
+            # A mid-epoch resume skips ``batch`` + 1 batches: garbage here would train the wrong
+            # batches (or fail deep inside the framework), so the file is refused before training.
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(
+                    f"{path} holds a damaged training state: {key} must be a non-negative "
+                    f"integer{' or None' if key == 'batch' else ''}. Received: {key}={value!r}"
+                )
         self.epochs_done = int(state.get("epoch", 0))
         self.step = int(state.get("step", 0))
         batch = state.get("batch")
@@ -275,6 +285,50 @@ class Checkpointer:
         store them. A mid-epoch checkpoint carries this as ``epoch_rng``.
         """
         self.epoch_rng = {"rng": rng.capture(), **(framework_rng or {})}
+
+    def enter_epoch_rng(
+        self,
+        restore: Callable[[Mapping[str, Any]], None],
+        capture: Callable[[], Mapping[str, Any]],
+    ) -> bool:
+        """Put back the global RNGs as the resumed mid-epoch checkpoint's epoch began.
+
+        Called just before the resumed epoch draws its batch order, so that it draws the
+        interrupted run's. ``restore`` applies an ``epoch_rng`` (the front-end's generators
+        included), ``capture`` returns the current state in the same form. Returns False, with
+        a warning, if the checkpoint holds none (an older keras_ckpt wrote it) or one that does
+        not apply (a damaged file): the RNGs are then left as they are and the epoch's order is
+        drawn anew.
+        """
+        saved = self.epoch_rng
+        if saved is None:
+            reason = "it holds no epoch-begin RNG state (written by an older keras_ckpt)"
+        else:
+            current = capture()
+            try:
+                restore(saved)
+                return True
+            # What the RNG setters raise for a state of the wrong type, shape or range.
+            except (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError,
+                    RuntimeError) as e:
+                restore(current)
+                self.epoch_rng = None  # the epoch's later saves must not carry it on
+                reason = f"its epoch-begin RNG state (epoch_rng) is damaged ({e})"
+        warnings.warn(
+            f"Resuming {self.restored_path}: {reason}; the interrupted epoch's batch order is "
+            "drawn anew, not the interrupted run's.",
+            stacklevel=4,
+        )
+        return False
+
+    def input_ran_out(self, skipped: int) -> None:
+        """Warn that the resumed epoch's input has fewer batches than the interrupted run trained."""
+        warnings.warn(
+            f"Resuming {self.restored_path}: the input ran out after {skipped} of the "
+            f"{self.start_batch} batches to skip (different data than the interrupted run?); "
+            "the epoch ends here.",
+            stacklevel=4,
+        )
 
     def training_state(self, batch: int | None) -> dict[str, Any]:
         """What every checkpoint file carries besides the framework objects."""

@@ -367,6 +367,10 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 batch_rng={"rng": state.get("rng"),
                            "torch_rng": (state.get("keras") or {}).get("torch_rng")},
                 restore_rng=_restore_rng,
+                enter_epoch=lambda: self._core.enter_epoch_rng(
+                    _restore_rng, lambda: {"rng": rng.capture(), **_global_rng()}
+                ),
+                ran_out=self._core.input_ran_out,
                 metrics=(state.get("keras") or {}).get("fit_metrics"),
             )
         if self.verbose > 0:

@@ -285,10 +285,12 @@ class ModelCheckpoint(CheckpointAttributes):
         ```
 
         Exact for a `torch.utils.data.DataLoader` over a map-style dataset whose order comes
-        from its sampler (`shuffle=True`, a seeded or unseeded `RandomSampler`, a custom
-        sampler drawing from torch's RNG or its own state), `num_workers` 0 or more. Any
-        other iterable (an `IterableDataset`, a generator) is read from its start and its first
-        `start_batch` items dropped: exact only if it yields the same order again. Random
+        from its sampler drawing from torch's global RNG (`shuffle=True`, a custom sampler),
+        `num_workers` 0 or more; not with a generator of its own (`generator=`, whose state is
+        not saved) or `persistent_workers=True`. Any other iterable (an `IterableDataset`,
+        `batch_size=None`, a generator) is read from its start and its first `start_batch` items
+        dropped, with the epoch-begin RNGs in place: exact if it draws its order from them as it
+        starts. A loader shorter than `start_batch` yields nothing, with a warning. Random
         augmentation in worker processes draws from per-worker generators whose states are not
         saved: its draws for the resumed batches differ (seed augmentation from the sample
         index to keep them). Call it after `on_train_begin` / `on_epoch_end`, with nothing
@@ -304,28 +306,26 @@ class ModelCheckpoint(CheckpointAttributes):
 
     def _resumed_epoch(self, loader: Iterable[Any], start: int) -> Iterator[tuple[int, Any]]:
         now = {"rng": rng.capture(), "torch": _capture_torch_rng()}
-        epoch_rng = self._core.epoch_rng
         path = self._core.restored_path or self.filepath
-        if epoch_rng is None:
-            warnings.warn(
-                f"{path} holds no epoch-begin RNG state (written by an older keras_ckpt): the "
-                "resumed epoch's batch order is the one drawn now.",
-                stacklevel=3,
-            )
-        else:
-            _set_rng(epoch_rng, path)
+        self._core.enter_epoch_rng(lambda state: _set_rng(state, path), lambda: now)
+
+        def drawn(skipped: int) -> None:  # the trained batches are passed: the save's RNGs again
+            _set_rng(now, path)
+            if skipped < start:
+                self._core.input_ran_out(skipped)
+
         sampler = getattr(loader, "batch_sampler", None)
         dataset = getattr(loader, "dataset", None)
         if not isinstance(loader, torch.utils.data.DataLoader) or sampler is None or isinstance(
             dataset, torch.utils.data.IterableDataset
         ):
             items = iter(loader)
-            _set_rng(now, path)
-            for batch, data in builtins.enumerate(items):
-                if batch >= start:
-                    yield batch, data
+            # Still with the epoch-begin RNGs: an iterable that draws its order as it starts
+            # (a generator, an IterableDataset, batch_size=None's sampler) draws the same one.
+            drawn(sum(1 for _ in itertools.islice(items, start)))
+            yield from builtins.enumerate(items, start)
             return
-        skipped = _SkipBatches(sampler, start, lambda: _set_rng(now, path))
+        skipped = _SkipBatches(sampler, start, drawn)
         yield from builtins.enumerate(_with_batch_sampler(loader, skipped), start)
 
     def _mark_epoch_begin(self) -> None:
@@ -515,16 +515,15 @@ class ModelCheckpoint(CheckpointAttributes):
 
 
 class _SkipBatches:
-    """A batch sampler without its first ``skip`` batches; ``then()`` runs once they are drawn."""
+    """A batch sampler without its first ``skip`` batches; ``then(n)`` runs once they are drawn
+    (``n``: how many there were, fewer than ``skip`` if the sampler ran out)."""
 
-    def __init__(self, inner: Iterable[Any], skip: int, then: Callable[[], None]) -> None:
+    def __init__(self, inner: Iterable[Any], skip: int, then: Callable[[int], None]) -> None:
         self.inner, self.skip, self.then = inner, skip, then
 
     def __iter__(self) -> Iterator[Any]:
         batches = iter(self.inner)
-        for _ in itertools.islice(batches, self.skip):
-            pass
-        self.then()
+        self.then(sum(1 for _ in itertools.islice(batches, self.skip)))
         yield from batches
 
     def __len__(self) -> int:

@@ -673,3 +673,95 @@ def test_resume_from_a_file_of_another_format_names_resume_and_the_file(tmp_path
             ckpt.on_train_begin()
         assert "weights_only=False" not in str(info.value)
         assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Shuffled(torch.utils.data.IterableDataset):
+    """Draws its order from torch's global RNG as each iteration starts."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        for i in torch.randperm(len(self.x)).tolist():
+            yield self.x[i], self.y[i]
+
+
+def _enumerate_run(directory, make_loader, resume=False, stop_at=None, epochs=3):
+    """3 epochs of 6 batches, a save every 4 batches; ``stop_at`` (global step) kills it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ckpt = ModelCheckpoint(os.path.join(directory, "c-{epoch}-{batch}.pt"), monitor="loss",
+                           save_freq=4, max_to_keep=None, resume=resume, model=model, optimizer=opt)
+    step, last = 0, 0.0  # (a resumed epoch can have no batch left)
+    try:
+        for epoch in range(ckpt.on_train_begin(), epochs):
+            for batch, (xb, yb) in ckpt.enumerate(make_loader()):
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(xb), yb)
+                loss.backward()
+                opt.step()
+                step, last = step + 1, loss.item()
+                ckpt.on_train_batch_end(batch, logs={"loss": last})
+                if step == stop_at:
+                    raise _Stop
+            ckpt.on_epoch_end(epoch, logs={"loss": last})
+        ckpt.on_train_end()
+    except _Stop:
+        pass
+    return model, ckpt
+
+
+@pytest.mark.parametrize("kind", ["iterable_dataset", "generator", "batch_size_none"])
+def test_enumerate_resumes_an_iterable_drawing_its_order_as_it_starts_bitwise(tmp_path, kind):
+    # Their order is drawn from the global RNG at their first item: the skipped items are read
+    # with the epoch-begin RNGs in place, so the interrupted epoch's order comes back.
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 6, generator=g), torch.randint(0, 2, (96,), generator=g)
+
+    def batches():  # a generator of 16-sample batches, shuffled as it starts
+        perm = torch.randperm(96)
+        for i in range(0, 96, 16):
+            yield x[perm[i:i + 16]], y[perm[i:i + 16]]
+
+    def make_loader():
+        if kind == "iterable_dataset":
+            return torch.utils.data.DataLoader(_Shuffled(x, y), batch_size=16)
+        if kind == "generator":
+            return batches()
+        chunks = torch.utils.data.TensorDataset(x.reshape(6, 16, 6), y.reshape(6, 16))
+        return torch.utils.data.DataLoader(chunks, batch_size=None, shuffle=True)
+
+    straight, _ = _enumerate_run(tmp_path / "a", make_loader)
+    _enumerate_run(tmp_path / "b", make_loader, stop_at=10)  # newest save: step 8, mid-epoch 2
+    resumed, ckpt = _enumerate_run(tmp_path / "b", make_loader, resume=True)
+    assert ckpt.restored_path.endswith("c-2-2.pt")
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_enumerate_over_a_shorter_loader_than_the_interrupted_epoch_warns(tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randn(96, 6), torch.randint(0, 2, (96,)))
+    _enumerate_run(tmp_path, lambda: torch.utils.data.DataLoader(data, batch_size=16), stop_at=10)
+    short = torch.utils.data.TensorDataset(torch.randn(16, 6), torch.randint(0, 2, (16,)))
+    with pytest.warns(UserWarning, match="ran out after 1 of the 2 batches to skip"):
+        _enumerate_run(tmp_path, lambda: torch.utils.data.DataLoader(short, batch_size=16),
+                       resume=True, epochs=2)
+
+
+def test_enumerate_with_a_damaged_epoch_rng_warns_and_resumes(tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randn(96, 6), torch.randint(0, 2, (96,)))
+    loader = lambda: torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)  # noqa: E731
+    _enumerate_run(tmp_path / "a", loader, stop_at=10)
+    src = os.path.join(tmp_path / "a", "c-2-2.pt")
+    payload = torch.load(src, weights_only=True)
+    payload["training_state"]["epoch_rng"]["torch"] = {"cpu": torch.zeros(3, dtype=torch.uint8)}
+    bare = str(tmp_path / "bare.pt")
+    torch.save(payload, bare)
+    with pytest.warns(UserWarning, match="epoch_rng.*damaged.*drawn anew"):
+        _, ckpt = _enumerate_run(tmp_path / "c", loader, resume=bare)
+    assert ckpt.restored_path == bare
