@@ -14,7 +14,8 @@ TF215_PINS = tensorflow==2.15.1 tensorflow-estimator==2.15.0 keras==2.15.0
 # The Keras front-end on the jax backend, with neither TensorFlow nor torch installed.
 JAX_PINS = "jax[cpu]==0.10.2" "keras>=3.15,<3.16" "h5py<3.15"
 KERAS_TESTS = tests/test_keras.py tests/test_kerasio.py tests/test_keras_peer.py \
-	tests/test_compat_keras.py tests/test_keras_crash.py tests/test_callbacks_state.py
+	tests/test_compat_keras.py tests/test_keras_crash.py tests/test_callbacks_state.py \
+	tests/test_fastforward.py tests/test_restore.py
 
 .PHONY: demo test test-main test-estimator test-jax lint bench clean
 
