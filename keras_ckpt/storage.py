@@ -712,6 +712,7 @@ class StreamedRead:
         self._planned: dict[int, int] = {}  # offset -> nbytes, not yet read to its end
         self._order: list[int] = []  # the planned offsets, ascending
         self._next = 0  # index in _order of the first planned range not yet reached
+        self._planned_end = 0  # where the last planned range ends
         self._ready: dict[int, np.ndarray] = {}  # offset -> buffer read, not yet taken
         self._held = 0  # bytes in _ready
         self._wanted = False  # the loader waits for the thread
@@ -804,6 +805,7 @@ class StreamedRead:
                     self._planned[offset] = nbytes
                     last = offset + nbytes
             self._order, self._next = sorted(self._planned), 0
+            self._planned_end = last
         self._go.set()
 
     def take(self, offset: int, nbytes: int) -> np.ndarray:
@@ -851,12 +853,37 @@ class StreamedRead:
         if offset < 0:
             raise ValueError(f"{self.name}: a read at byte {offset} lies outside the file")
         self.wait(offset + len(view))
+        self._pread(view, offset)
+
+    def _pread(self, view: memoryview, offset: int) -> None:
         done = 0
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if not n:
                 raise OSError(f"{self.name} shrank while it was read")
             done += n
+
+    def read_at(self, buffer: Any, offset: int) -> None:
+        """Fill ``buffer`` with the file's bytes from ``offset``, however the stream has them.
+
+        Exactly a planned range: copied from the buffer it was read into (:meth:`take`). Ending
+        before the end of the last planned range: :meth:`readinto` (waits for the stream, so a
+        loader reading in file order never reads ahead of it). Past it (a zip's central
+        directory at the end): read from the file at once, so a loader that starts at the end
+        does not wait for the whole file first.
+        """
+        view = memoryview(buffer).cast("B")
+        with self._cond:
+            planned = self._planned.get(offset) == len(view) or offset in self._ready
+            behind = offset + len(view) <= max(self._planned_end, self._done)
+        if planned:
+            np.copyto(np.frombuffer(view, np.uint8), self.take(offset, len(view)))
+        elif behind:
+            self.readinto(view, offset)
+        else:
+            if not 0 <= offset <= self.size - len(view):
+                raise ValueError(f"{self.name}: a read at byte {offset} lies outside the file")
+            self._pread(view, offset)
 
     def finish(self) -> str | None:
         """Read the rest and compare the checksum: None if the file is the one the manifest lists,
@@ -893,6 +920,40 @@ class StreamedRead:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StreamedFile(io.RawIOBase):
+    """A :class:`StreamedRead` as a read-only, seekable binary file, for a loader that reads
+    through a file object (``torch.load``).
+
+    Reads are :meth:`StreamedRead.read_at`'s.
+    """
+
+    def __init__(self, source: StreamedRead) -> None:
+        super().__init__()
+        self._source, self._pos = source, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._source.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._source.size - self._pos))
+        if n:
+            self._source.read_at(view[:n], self._pos)
+        self._pos += n
+        return n
 
 
 class FileState(NamedTuple):
