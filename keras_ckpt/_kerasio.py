@@ -38,7 +38,6 @@ import functools
 import io
 import math
 import os
-import sys
 import time
 import warnings
 import zipfile
@@ -536,19 +535,47 @@ class _Window(_Positioned):
         return done
 
 
-# Datasets that large are read through a StreamedRead into reused buffers (the rest by h5py).
+# Datasets that large are read through a StreamedRead straight into buffers of their own (the rest
+# by h5py).
 _STREAM_MIN_BYTES = _PLAN_MIN_BYTES
+
+
+def _dataset_extent(dataset: h5py.Dataset, length: int) -> tuple[int, np.dtype, tuple[int, ...]] | None:
+    """(offset in the HDF5 file, dtype, shape) of ``dataset`` if its bytes are the array's raw
+    bytes in one contiguous range of the ``length``-byte file, else None (h5py reads it).
+
+    ValueError for a range outside the file: the offset comes from the file, never trusted.
+    """
+    if "dtype" in dataset.attrs:
+        return None  # bfloat16 is marked so, and Keras converts it
+    dtype, shape = dataset.dtype, tuple(dataset.shape)
+    if dtype.kind not in "iuf" or not dtype.isnative:
+        return None
+    nbytes = dtype.itemsize * math.prod(shape)
+    dcpl = dataset.id.get_create_plist()
+    if (nbytes < _STREAM_MIN_BYTES or dcpl.get_layout() != h5py.h5d.CONTIGUOUS
+            or dcpl.get_nfilters() or dcpl.get_external_count()):
+        return None
+    offset = dataset.id.get_offset()
+    if offset is None or dataset.id.get_storage_size() != nbytes:
+        return None
+    if not 0 <= offset <= length - nbytes:
+        raise ValueError(
+            f"dataset {dataset.name!r} claims bytes [{offset}, {offset + nbytes}) of an HDF5 "
+            f"file of {length} bytes"
+        )
+    return offset, dtype, shape
 
 
 class _ReadStore(_H5IOStore):
     """Keras's HDF5 weights store over an already opened ``h5py.File``.
 
-    Given the :class:`keras_ckpt.storage.StreamedRead` the file is being read through, each
-    large dataset stored as plain bytes is taken from it (which waits until the reading thread
-    has read and checksummed that far) into a reused buffer and handed to Keras's ``assign`` from
-    there; h5py's own read would allocate a fresh array per variable, and fresh memory is what
-    costs most here (page faults: ≈ 0.35 s per 600 MB on the dev VM). A buffer is reused once
-    nothing refers to it any more (an assign that wraps the array without copying keeps it).
+    Given the :class:`keras_ckpt.storage.StreamedRead` the file is being read through, every
+    large dataset stored as plain bytes is planned up front (:meth:`StreamedRead.plan`): the
+    stream's thread reads it straight into a buffer of its own while it checksums the file, and
+    Keras's ``assign`` gets that buffer (:meth:`StreamedRead.take` waits until it is read). So
+    each byte is copied from the page cache once, on the thread that waits for the disk anyway;
+    h5py's own read would allocate an array per variable and copy into it on this thread.
 
     Args:
         h5_file: the weights, open.
@@ -562,8 +589,28 @@ class _ReadStore(_H5IOStore):
         self._file = h5_file
         self._source = source if base is not None else None
         self._base, self._length = base or 0, length
-        self._buffers: list[np.ndarray] = []
         super().__init__("in-memory", mode="r")
+        if self._source is not None:
+            self._source.plan(self._extents())
+
+    def _extents(self) -> list[tuple[int, int]]:
+        """(offset in the streamed file, nbytes) of every large dataset stored in one range.
+
+        A hint for the stream, so only the cheap low-level calls (a few ms for a model's
+        datasets, not h5py's object layer); :meth:`__getitem__` takes a range only after every
+        check of :func:`_dataset_extent`.
+        """
+        found: list[tuple[int, int]] = []
+
+        def visit(name: bytes, info: Any) -> None:
+            if info.type == h5py.h5o.TYPE_DATASET:
+                dataset = h5py.h5d.open(self._file.id, name)
+                offset, nbytes = dataset.get_offset(), dataset.get_storage_size()
+                if offset is not None and _STREAM_MIN_BYTES <= nbytes <= self._length - offset:
+                    found.append((self._base + offset, nbytes))
+
+        h5py.h5o.visit(self._file.id, visit, info=True)
+        return found
 
     def _get_h5_file(self, path_or_io: Any, mode: str | None = None) -> h5py.File:
         return self._file
@@ -573,64 +620,29 @@ class _ReadStore(_H5IOStore):
         if extent is None:
             return super().__getitem__(key)
         offset, dtype, shape = extent
-        nbytes = dtype.itemsize * math.prod(shape)
+        buf = self._source.take(self._base + offset, dtype.itemsize * math.prod(shape))  # type: ignore[union-attr]
+        array = buf.view(dtype).reshape(shape)
         if keras.backend.backend() == "tensorflow":
             # TF copies a NumPy array twice on the way into a variable (a defensive copy, then
-            # a fresh tensor). A tensor wrapping our own aligned buffer (DLPack) is assigned
-            # without a copy: the variable keeps that buffer, so it is not reused.
+            # a fresh tensor). A tensor wrapping the buffer (64-byte aligned, DLPack) is
+            # assigned without a copy: the variable keeps that buffer.
             import tensorflow as tf
 
-            buf = _aligned(nbytes)
-            self._source.readinto(buf, self._base + offset)  # type: ignore[union-attr]
-            return tf.experimental.dlpack.from_dlpack(buf.view(dtype).reshape(shape).__dlpack__())
-        buf = self._buffer(nbytes)
-        self._source.readinto(buf[:nbytes], self._base + offset)  # type: ignore[union-attr]
-        return buf[:nbytes].view(dtype).reshape(shape)
+            return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+        return array
 
     def _extent(self, key: str) -> tuple[int, np.dtype, tuple[int, ...]] | None:
-        """(offset in the HDF5 file, dtype, shape) of dataset ``key`` if its bytes are the array's
-        raw bytes in one contiguous range, else None (Keras's own read handles it)."""
+        """:func:`_dataset_extent` of dataset ``key`` of the current group, None if it is not one
+        (Keras's own read handles it)."""
         group = self._h5_entry_group
         if not isinstance(group, h5py.Group) or "/" in key or key not in group:
             return None
         if group.get(key, getclass=True, getlink=True) is not h5py.HardLink:
             return None  # Keras's read refuses soft and external links
         dataset = group[key]
-        if not isinstance(dataset, h5py.Dataset) or "dtype" in dataset.attrs:
-            return None  # bfloat16 is marked so, and Keras converts it
-        dtype, shape = dataset.dtype, tuple(dataset.shape)
-        if dtype.kind not in "iuf" or not dtype.isnative:
+        if not isinstance(dataset, h5py.Dataset):
             return None
-        nbytes = dtype.itemsize * math.prod(shape)
-        dcpl = dataset.id.get_create_plist()
-        if (nbytes < _STREAM_MIN_BYTES or dcpl.get_layout() != h5py.h5d.CONTIGUOUS
-                or dcpl.get_nfilters() or dcpl.get_external_count()):
-            return None
-        offset = dataset.id.get_offset()
-        if offset is None or dataset.id.get_storage_size() != nbytes:
-            return None
-        if not 0 <= offset <= self._length - nbytes:  # from the file: never trusted
-            raise ValueError(
-                f"dataset {dataset.name!r} claims bytes [{offset}, {offset + nbytes}) of an HDF5 "
-                f"file of {self._length} bytes"
-            )
-        return offset, dtype, shape
-
-    def _buffer(self, nbytes: int) -> np.ndarray:
-        for i in range(len(self._buffers)):
-            # Only this list refers to it (views of it refer to it too, their base is this array
-            # that owns the memory): what took its last values has let go of them.
-            if self._buffers[i].nbytes >= nbytes and sys.getrefcount(self._buffers[i]) == 2:
-                return self._buffers[i]
-        self._buffers.append(np.empty(nbytes, np.uint8))
-        return self._buffers[-1]
-
-
-def _aligned(nbytes: int) -> np.ndarray:
-    """A new uint8 array whose data starts on a 64-byte boundary (what TF's kernels require)."""
-    raw = np.empty(nbytes + 64, np.uint8)
-    start = -raw.ctypes.data % 64
-    return raw[start : start + nbytes]
+        return _dataset_extent(dataset, self._length)
 
 
 @contextlib.contextmanager

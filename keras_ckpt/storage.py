@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, Callable, NamedTuple
 
+import numpy as np
 import xxhash
 
 TMP_PREFIX = ".keras_ckpt-tmp"
@@ -662,17 +663,35 @@ def holds_writer(directory: str) -> bool:
 
 _STREAM_CHUNK = 4 << 20
 _STREAM_AHEAD = 4  # chunks the disk is asked for ahead of the one being hashed
+# A planned buffer is read in pieces this large: each read is one wait for the GIL after it
+# (up to the 5 ms switch interval while the loader runs Python).
+_STREAM_PIECE = 16 << 20
+# Bytes read into planned buffers that the loader has not taken yet, past which the reading thread
+# waits (unless the loader waits for it): a loader slower than the disk holds at most this much.
+_STREAM_HOLD = 256 << 20
+_ALIGN = 64  # TF's CPU kernels require this alignment of the buffers they are handed
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A new uint8 array of ``nbytes`` whose data starts on a 64-byte boundary."""
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes]
 
 
 class StreamedRead:
     """A checkpoint file read once, front to back, on a background thread that checksums it.
 
     A loader takes the file's bytes while the thread reads, so restoring costs one read of the
-    file instead of a verifying read and then a loading one: :meth:`readinto` (and
-    :meth:`wait`) block until the thread has read and hashed past the range asked for, then copy
-    it from the page cache the thread just filled. Reads outside the file are refused. The
-    thread reads into one small buffer, reused, and asks the kernel for the chunks ahead
-    (``POSIX_FADV_WILLNEED``) so the disk keeps working while a chunk is hashed.
+    file instead of a verifying read and then a loading one. Ranges the loader announces with
+    :meth:`plan` are read by the thread straight into buffers of their own, hashed there, and
+    handed over by :meth:`take`: each of those bytes is copied once, on the thread that waits
+    for the disk anyway, and the bytes loaded are the very bytes hashed. Other ranges are
+    copied by :meth:`readinto` (and :meth:`wait`) once the thread has read and hashed past them.
+    Reads outside the file are refused. The thread asks the kernel for the chunks ahead
+    (``POSIX_FADV_WILLNEED``) so the disk keeps working while a chunk is hashed; it starts
+    copying at the first :meth:`plan`, :meth:`take`, :meth:`readinto`, :meth:`wait` or
+    :meth:`finish`, so a loader that plans first finds none of its ranges already passed.
 
     The bytes a loader took are only known good once :meth:`finish` returns None: it reads
     whatever the loader did not need and compares the checksum. Use as a context manager; the
@@ -689,49 +708,142 @@ class StreamedRead:
         self.fd, self.name, self.size = fd, name, size
         self._digest = digest
         self._done = 0  # bytes read and hashed so far
+        self._claimed = 0  # bytes the thread has committed to reading (planned or not)
+        self._planned: dict[int, int] = {}  # offset -> nbytes, not yet read to its end
+        self._order: list[int] = []  # the planned offsets, ascending
+        self._next = 0  # index in _order of the first planned range not yet reached
+        self._planned_end = 0  # where the last planned range ends
+        self._ready: dict[int, np.ndarray] = {}  # offset -> buffer read, not yet taken
+        self._held = 0  # bytes in _ready
+        self._wanted = False  # the loader waits for the thread
         self._error: BaseException | None = None
         self._stop = False
+        self._go = threading.Event()
         self._cond = threading.Condition()
         self._hash = xxhash.xxh3_128()
         self._thread = threading.Thread(target=self._run, name="keras_ckpt-restore-read", daemon=True)
         self._thread.start()
 
+    def _advise(self, start: int, stop: int) -> None:
+        if stop > start and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+
+    def _next_range(self) -> tuple[int, int, np.ndarray | None] | None:
+        """(start, stop, planned buffer or None) of the next read, or None at the end; locked."""
+        while not self._stop and self._held > _STREAM_HOLD and not self._wanted:
+            self._cond.wait()
+        start = self._done
+        if self._stop or start >= self.size:
+            return None
+        order = self._order
+        while self._next < len(order) and order[self._next] < start:
+            self._next += 1  # passed before it was planned: take() copies it
+        planned = order[self._next] if self._next < len(order) else self.size
+        if planned == start:
+            self._next += 1
+            stop = start + self._planned[start]
+            self._claimed = stop
+            return start, stop, aligned_buffer(stop - start)
+        self._claimed = min(start + _STREAM_CHUNK, planned)
+        return start, self._claimed, None
+
     def _run(self) -> None:
         try:
-            with contextlib.suppress(OSError, AttributeError):  # only a hint
+            with contextlib.suppress(OSError, AttributeError):  # only hints
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            buf = memoryview(bytearray(min(_STREAM_CHUNK, max(self.size, 1))))
+                self._advise(0, min(self.size, _STREAM_AHEAD * _STREAM_CHUNK))
+            self._go.wait()
+            scratch = memoryview(bytearray(min(_STREAM_CHUNK, max(self.size, 1))))
             ahead = 0
-            while self._done < self.size and not self._stop:
-                if ahead < self.size and hasattr(os, "posix_fadvise"):
-                    want = min(self.size, self._done + _STREAM_AHEAD * _STREAM_CHUNK)
-                    if want > ahead:
-                        os.posix_fadvise(self.fd, ahead, want - ahead, os.POSIX_FADV_WILLNEED)
-                        ahead = want
-                piece = buf[: min(len(buf), self.size - self._done)]
-                n = os.preadv(self.fd, [piece], self._done)
-                if not n:
-                    raise EOFError(f"{self.name} is shorter than the manifest says (truncated while read)")
-                self._hash.update(piece[:n])
+            while True:
                 with self._cond:
-                    self._done += n
-                    self._cond.notify_all()
+                    step = self._next_range()
+                if step is None:
+                    break
+                start, stop, planned = step
+                target = memoryview(planned) if planned is not None else scratch
+                at = start
+                while at < stop:
+                    end = min(stop, at + (_STREAM_CHUNK if planned is None else _STREAM_PIECE))
+                    want = min(self.size, end + _STREAM_AHEAD * _STREAM_CHUNK)
+                    if want > ahead:
+                        with contextlib.suppress(OSError, AttributeError):
+                            self._advise(max(ahead, at), want)
+                        ahead = want
+                    piece = scratch[: end - at] if planned is None else target[at - start : end - start]
+                    n = os.preadv(self.fd, [piece], at)
+                    if not n:
+                        raise EOFError(
+                            f"{self.name} is shorter than the manifest says (truncated while read)")
+                    self._hash.update(piece[:n])
+                    at += n
+                    with self._cond:
+                        self._done = at
+                        if planned is not None and at == stop:
+                            self._planned.pop(start, None)  # a later plan() may have dropped it
+                            self._ready[start] = planned
+                            self._held += stop - start
+                        self._cond.notify_all()
         except BaseException as e:  # handed to the loader's thread
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
         finally:
             with self._cond:
-                self._stop = True
+                self._stop = True  # buffers read stay in _ready for take()
                 self._cond.notify_all()
+
+    def plan(self, extents: Iterable[tuple[int, int]]) -> None:
+        """Have each ``(offset, nbytes)`` range read straight into a buffer of its own, for
+        :meth:`take`. Ranges outside the file, empty ones, ones overlapping another, and ones the
+        thread has already reached are left out (:meth:`take` copies those)."""
+        with self._cond:
+            ranges = sorted(set(extents) | set(self._planned.items()))
+            self._planned, last = {}, self._claimed
+            for offset, nbytes in ranges:
+                if nbytes > 0 and offset >= last and offset + nbytes <= self.size:
+                    self._planned[offset] = nbytes
+                    last = offset + nbytes
+            self._order, self._next = sorted(self._planned), 0
+            self._planned_end = last
+        self._go.set()
+
+    def take(self, offset: int, nbytes: int) -> np.ndarray:
+        """The file's bytes ``[offset, offset + nbytes)``: the planned buffer once the thread has
+        read it, else a new (64-byte aligned) copy (:meth:`readinto`). The buffer is the caller's."""
+        self._go.set()
+        with self._cond:
+            if self._planned.get(offset) == nbytes or (offset in self._ready
+                                                       and self._ready[offset].nbytes == nbytes):
+                self._wanted = True
+                self._cond.notify_all()
+                try:
+                    while offset not in self._ready and self._error is None and not self._stop:
+                        self._cond.wait()
+                finally:
+                    self._wanted = False
+                buf = self._ready.pop(offset, None)
+                if buf is not None:
+                    self._held -= nbytes
+                    self._cond.notify_all()
+                    return buf
+        buf = aligned_buffer(nbytes)
+        self.readinto(buf, offset)
+        return buf
 
     def wait(self, end: int) -> None:
         """Block until the first ``end`` bytes are read and hashed; OSError if reading failed."""
         if not 0 <= end <= self.size:
             raise ValueError(f"{self.name}: a read up to byte {end} lies outside its {self.size} bytes")
+        self._go.set()
         with self._cond:
-            while self._done < end and self._error is None and not self._stop:
-                self._cond.wait()
+            self._wanted = True
+            self._cond.notify_all()
+            try:
+                while self._done < end and self._error is None and not self._stop:
+                    self._cond.wait()
+            finally:
+                self._wanted = False
             if self._done < end:
                 raise OSError(f"{self.name} could not be read: {self._error or 'reading stopped'}")
 
@@ -741,6 +853,9 @@ class StreamedRead:
         if offset < 0:
             raise ValueError(f"{self.name}: a read at byte {offset} lies outside the file")
         self.wait(offset + len(view))
+        self._pread(view, offset)
+
+    def _pread(self, view: memoryview, offset: int) -> None:
         done = 0
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
@@ -748,9 +863,36 @@ class StreamedRead:
                 raise OSError(f"{self.name} shrank while it was read")
             done += n
 
+    def read_at(self, buffer: Any, offset: int) -> None:
+        """Fill ``buffer`` with the file's bytes from ``offset``, however the stream has them.
+
+        Exactly a planned range: copied from the buffer it was read into (:meth:`take`). Ending
+        before the end of the last planned range: :meth:`readinto` (waits for the stream, so a
+        loader reading in file order never reads ahead of it). Past it (a zip's central
+        directory at the end): read from the file at once, so a loader that starts at the end
+        does not wait for the whole file first.
+        """
+        view = memoryview(buffer).cast("B")
+        with self._cond:
+            planned = self._planned.get(offset) == len(view) or offset in self._ready
+            behind = offset + len(view) <= max(self._planned_end, self._done)
+        if planned:
+            np.copyto(np.frombuffer(view, np.uint8), self.take(offset, len(view)))
+        elif behind:
+            self.readinto(view, offset)
+        else:
+            if not 0 <= offset <= self.size - len(view):
+                raise ValueError(f"{self.name}: a read at byte {offset} lies outside the file")
+            self._pread(view, offset)
+
     def finish(self) -> str | None:
         """Read the rest and compare the checksum: None if the file is the one the manifest lists,
         else why not."""
+        with self._cond:
+            self._ready.clear()  # what the loader did not take is not kept while the rest is read
+            self._held, self._wanted = 0, True
+            self._cond.notify_all()
+        self._go.set()
         self._thread.join()
         if self._error is not None:
             if isinstance(self._error, (OSError, EOFError)):
@@ -764,7 +906,11 @@ class StreamedRead:
 
     def close(self) -> None:
         """Stop reading (a loader that failed) and close the descriptor."""
-        self._stop = True
+        with self._cond:
+            self._stop = True
+            self._ready.clear()
+            self._cond.notify_all()
+        self._go.set()
         self._thread.join()
         with contextlib.suppress(OSError):
             os.close(self.fd)
@@ -774,6 +920,40 @@ class StreamedRead:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StreamedFile(io.RawIOBase):
+    """A :class:`StreamedRead` as a read-only, seekable binary file, for a loader that reads
+    through a file object (``torch.load``).
+
+    Reads are :meth:`StreamedRead.read_at`'s.
+    """
+
+    def __init__(self, source: StreamedRead) -> None:
+        super().__init__()
+        self._source, self._pos = source, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._source.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._source.size - self._pos))
+        if n:
+            self._source.read_at(view[:n], self._pos)
+        self._pos += n
+        return n
 
 
 class FileState(NamedTuple):

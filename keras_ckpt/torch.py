@@ -557,18 +557,15 @@ def _load(path: str, source: storage.StreamedRead | None = None) -> Mapping[str,
     torch's advice to retry with ``weights_only=False`` (which would run code from the file).
 
     With ``source`` (the stream reading and checksumming the file, see
-    :meth:`keras_ckpt.engine.Engine.restore_newest`), the file storage opened is memory-mapped
-    (``mmap=True``, through ``/proc/self/fd``: the very file storage checked, no path followed
-    again): the tensors are views of the page cache that the stream fills, copied into the
-    model by ``load_state_dict`` as the stream goes, instead of one fresh allocation of the
-    whole file. Every other tensor (optimizer state, which ``load_state_dict`` keeps as given)
-    is copied out of the mapping, so nothing outlives this restore pointing into the file.
+    :meth:`keras_ckpt.engine.Engine.restore_newest`), torch reads the very file storage opened
+    and checked, through :class:`keras_ckpt.storage.StreamedFile`: the tensor records are planned
+    (:func:`_record_extents`), so the stream's thread reads each straight into a buffer while it
+    checksums the file, and torch's read of a record copies that buffer, as the stream goes.
     """
-    mapped = source is not None and os.path.exists(f"/proc/self/fd/{source.fd}")
     try:
-        if mapped:
-            payload = torch.load(f"/proc/self/fd/{source.fd}", map_location="cpu",  # type: ignore[union-attr]
-                                 weights_only=True, mmap=True)
+        if source is not None:
+            source.plan(_record_extents(source))
+            payload = torch.load(storage.StreamedFile(source), map_location="cpu", weights_only=True)
         else:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as e:
@@ -584,21 +581,21 @@ def _load(path: str, source: storage.StreamedRead | None = None) -> Mapping[str,
         raise _Unreadable(f"{path} is {what} ({type(e).__name__}).") from None
     if not isinstance(payload, Mapping) or "model" not in payload:
         raise _Unreadable(f"{path} is not a keras_ckpt.torch checkpoint (no 'model' entry).")
-    if mapped:
-        payload = {k: v if k == "model" else _unmapped(v) for k, v in payload.items()}
     return payload
 
 
-def _unmapped(value: Any) -> Any:
-    """``value`` with every tensor copied into memory of its own (out of a file mapping)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, Mapping):
-        items = ((k, _unmapped(v)) for k, v in value.items())
-        return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
-    if isinstance(value, (list, tuple)):
-        return type(value)(_unmapped(v) for v in value)
-    return value
+def _record_extents(source: storage.StreamedRead) -> list[tuple[int, int]]:
+    """Where the tensor records of the torch.save zip ``source`` probably lie: a hint for the
+    stream (a wrong guess only costs a copy). torch's writer and ours pad each record's local
+    header so its data starts on a 64-byte boundary; zipfile reads only the central directory."""
+    found = []
+    with contextlib.suppress(zipfile.BadZipFile, OSError, ValueError), \
+            open(source.fd, "rb", buffering=0, closefd=False) as f, zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            if info.compress_type == zipfile.ZIP_STORED and info.file_size >= 1 << 20:
+                start = info.header_offset + _zip._LOCAL_HEADER.size + len(info.orig_filename.encode()) + 4
+                found.append((start + -start % 64, info.file_size))
+    return found
 
 
 def _has_record(path: str, name: str) -> bool:
