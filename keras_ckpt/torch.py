@@ -563,7 +563,10 @@ def _load(path: str, source: storage.StreamedRead | None = None) -> Mapping[str,
     checksums the file, and torch's read of a record copies that buffer, as the stream goes.
     """
     try:
-        if source is not None:
+        if source is not None and os.path.exists(f"/proc/self/fd/{source.fd}"):
+            source.plan(())
+            payload = torch.load(f"/proc/self/fd/{source.fd}", map_location="cpu", weights_only=True)
+        elif source is not None:
             source.plan(_record_extents(source))
             payload = torch.load(storage.StreamedFile(source), map_location="cpu", weights_only=True)
         else:
