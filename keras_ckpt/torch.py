@@ -585,6 +585,8 @@ class _HostCopies:
     def begin(self, snapshot: bool) -> None:
         """Start copying one payload's tensors; ``snapshot``: CPU tensors too."""
         self.snapshot = snapshot
+        # A capture that raised (a value torch.load would refuse) never reached end().
+        self.memo, self._copies, self._storages, self._devices = {}, {}, {}, set()
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         # Sparse, quantized and subclassed tensors (DTensor) are left to torch.save.
