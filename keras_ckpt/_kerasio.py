@@ -21,8 +21,10 @@ and streamed once:
    so the disk works while the rest is still being copied and checksummed.
 
 Neither writer fsyncs: the engine does, after it checksums the file. Both read the variables in
-place, without a snapshot: the model must not train while they run (an asynchronous save has to
-copy the values to host memory first).
+place, without a snapshot: the model must not train while they run. An asynchronous save plans
+the file on the training thread (:func:`plan_keras`, :func:`plan_weights_h5`), copies the large
+datasets' bytes into reusable host buffers (:meth:`Planned.snapshot`) and streams the same
+segments from those copies on the writer thread, so both produce the same bytes.
 
 This module imports keras and h5py at import time; ``keras_ckpt`` imports it lazily, from the
 Keras front-end only. The private Keras APIs it uses are resolved through
@@ -42,24 +44,28 @@ import time
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import h5py
 import keras
 import numpy as np
 
 from keras_ckpt import _compat, _zip, storage
+from keras_ckpt._async import ReusableBuffers
 
 __all__ = [
     "ARRAYS_GROUP",
     "STATE_GROUP",
     "STATE_MEMBER",
+    "Planned",
     "add_state_h5",
     "copy_keras_with_state",
     "fast_read_available",
     "fast_write_available",
     "file_format",
     "load_into",
+    "plan_keras",
+    "plan_weights_h5",
     "read_arrays",
     "read_state",
     "write_keras",
@@ -240,7 +246,7 @@ class _PlanningStore(_H5IOStore):
 
     def __init__(self, h5_file: h5py.File) -> None:
         self._file = h5_file
-        self.extents: list[tuple[int, np.ndarray]] = []
+        self.extents: list[tuple[int, str, np.ndarray]] = []
         super().__init__("in-memory", mode="w")
 
     def _get_h5_file(self, path_or_io: Any, mode: str | None = None) -> h5py.File:
@@ -269,7 +275,7 @@ class _PlanningStore(_H5IOStore):
         )
         if array.dtype.name == "bfloat16":
             dataset.attrs["dtype"] = "bfloat16"  # as Keras marks it, so Keras reads it back
-        self.extents.append((dataset.id.get_offset(), array))
+        self.extents.append((dataset.id.get_offset(), dataset.name, array))
 
 
 def _save_variables(optimizer: Any, store: Any) -> None:
@@ -329,11 +335,46 @@ def _skipped(model: Any, include_optimizer: bool) -> set[int]:
     return {id(optimizer)}
 
 
+class Planned:
+    """A Keras checkpoint file planned on the training thread, written by :meth:`write`.
+
+    Its bytes are a list of segments: HDF5 metadata and small datasets (copied into the plan
+    already) and, for each large dataset, a view of the variable's own memory. :meth:`snapshot`
+    replaces those views with copies in reusable buffers, after which the variables may change
+    (train) while :meth:`write` streams the file from another thread; the bytes are the same.
+    """
+
+    def __init__(
+        self, segments: list[memoryview], live: list[tuple[int, str]],
+        emit: Callable[[IO[bytes], list[memoryview]], None],
+    ) -> None:
+        self._segments = segments
+        self._live = live  # (segment index, HDF5 dataset name) of each view of a variable
+        self._emit = emit
+
+    def snapshot(self, buffers: ReusableBuffers[np.ndarray]) -> None:
+        """Copy every segment that views live memory into ``buffers`` (keyed by dataset name)."""
+        for index, name in self._live:
+            source = self._segments[index]
+            copy = buffers.take(name, source.nbytes)
+            np.copyto(copy, np.frombuffer(source, dtype=np.uint8))
+            self._segments[index] = memoryview(copy)
+        buffers.end()
+        self._live = []
+
+    def write(self, fileobj_or_path: str | os.PathLike[str] | IO[bytes]) -> None:
+        """Stream the file, from the start of a given file object (flushed, not closed) or into
+        a path. Not fsynced: the caller does that."""
+        with _output(fileobj_or_path) as out:
+            self._emit(out, self._segments)
+
+
 def _segments(
     model: Any, include_optimizer: bool, state: bytes | None, assets_dir: Any,
     arrays: Mapping[str, np.ndarray] | None = None,
-) -> list[memoryview]:
-    """The weights file as an ordered list of byte segments that concatenate to the file.
+) -> tuple[list[memoryview], list[tuple[int, str]]]:
+    """The weights file as an ordered list of byte segments that concatenate to the file, and
+    the (index, dataset name) of the segments that view a variable's memory.
 
     ``state`` goes into :data:`STATE_MEMBER`, ``arrays`` under :data:`ARRAYS_GROUP`.
     ``assets_dir`` is a Keras
@@ -355,22 +396,39 @@ def _segments(
             store.put(h5_file, f"{ARRAYS_GROUP}/{name}", np.ascontiguousarray(array))
     _repair_skipset_cache()
     segments: list[memoryview] = []
+    live: list[tuple[int, str]] = []
     pos = 0
-    for offset, array in sorted(store.extents, key=lambda extent: extent[0]):
+    for offset, name, array in sorted(store.extents, key=lambda extent: extent[0]):
         if offset < pos:
             raise RuntimeError(f"HDF5 placed overlapping datasets at offset {offset}")
         if offset > pos:
             segments.append(memoryview(image.span(pos, offset)))
+        live.append((len(segments), name))
         segments.append(memoryview(array.reshape(-1).view(np.uint8)))  # bfloat16 has no buffer format
         pos = offset + array.nbytes
     if pos > image.size:
         raise RuntimeError("HDF5 file ends inside a dataset")
     if pos < image.size:
         segments.append(memoryview(image.span(pos, image.size)))
-    return segments
+    return segments, live
 
 
 # --- Writing ----------------------------------------------------------------------------------
+
+
+def plan_weights_h5(
+    model: Any, *, state: bytes, include_optimizer: bool = True,
+    arrays: Mapping[str, np.ndarray] | None = None,
+) -> Planned:
+    """:func:`write_weights_h5`'s file, planned (nothing written yet)."""
+    segments, live = _segments(model, include_optimizer, state, assets_dir=None, arrays=arrays)
+    return Planned(segments, live, _write_plain)
+
+
+def _write_plain(raw: IO[bytes], segments: list[memoryview]) -> None:
+    out = storage.EarlyWriteback(raw)
+    for segment in segments:
+        out.write(segment)
 
 
 def write_weights_h5(
@@ -385,11 +443,9 @@ def write_weights_h5(
     Written strictly front to back in one pass, from the start of a given file object (flushed,
     not closed) or into a path. Not fsynced: the caller does that.
     """
-    segments = _segments(model, include_optimizer, state, assets_dir=None, arrays=arrays)
-    with _output(fileobj_or_path) as raw:
-        out = storage.EarlyWriteback(raw)
-        for segment in segments:
-            out.write(segment)
+    plan_weights_h5(
+        model, state=state, include_optimizer=include_optimizer, arrays=arrays
+    ).write(fileobj_or_path)
 
 
 @contextlib.contextmanager
@@ -413,6 +469,28 @@ def _asset_files(root: str) -> Iterator[tuple[str, str]]:
             yield f"{_ASSETS_DIR}/{relative}", path
 
 
+def plan_keras(
+    model: Any, *, state: bytes, include_optimizer: bool = True,
+    arrays: Mapping[str, np.ndarray] | None = None,
+) -> Planned:
+    """:func:`write_keras`'s archive, planned (nothing written yet). The zip timestamp is the
+    time of planning, and assets are collected now: the plan is the model as it is now."""
+    config_json, metadata_json = _compat.resolve(_compat.KERAS_SERIALIZE_MODEL)(model)
+    assets = _compat.resolve(_compat.KERAS_DISK_IO_STORE)(_ASSETS_DIR, mode="w")
+    members = [(_METADATA_MEMBER, metadata_json.encode()), (_CONFIG_MEMBER, config_json.encode())]
+    try:
+        segments, live = _segments(model, include_optimizer, state, assets, arrays)
+        for name, path in _asset_files(assets.working_dir):
+            with open(path, "rb") as asset:
+                members.append((name, asset.read()))
+    finally:
+        assets.close()
+    return Planned(
+        segments, live,
+        functools.partial(_write_archive, members=members, timestamp=time.time()),
+    )
+
+
 def write_keras(
     model: Any, fileobj_or_path: str | os.PathLike[str] | IO[bytes], *, state: bytes,
     include_optimizer: bool = True, arrays: Mapping[str, np.ndarray] | None = None,
@@ -430,27 +508,19 @@ def write_keras(
     object's current position. A given file object is flushed, not closed; a path is opened,
     written and closed. Nothing is fsynced: the caller does that.
     """
-    config_json, metadata_json = _compat.resolve(_compat.KERAS_SERIALIZE_MODEL)(model)
-    assets = _compat.resolve(_compat.KERAS_DISK_IO_STORE)(_ASSETS_DIR, mode="w")
-    try:
-        segments = _segments(model, include_optimizer, state, assets, arrays)
-        with _output(fileobj_or_path) as out:
-            _write_archive(out, metadata_json, config_json, assets.working_dir, segments)
-    finally:
-        assets.close()
+    plan_keras(
+        model, state=state, include_optimizer=include_optimizer, arrays=arrays
+    ).write(fileobj_or_path)
 
 
 def _write_archive(
-    out: IO[bytes], metadata_json: str, config_json: str, assets_root: str,
-    segments: list[memoryview],
+    out: IO[bytes], segments: list[memoryview], *, members: list[tuple[str, bytes]],
+    timestamp: float,
 ) -> None:
     # The header fields zipfile writes, as in Keras's own files.
-    archive = _zip.ZipWriter(storage.EarlyWriteback(out), timestamp=time.time(), unix_mode=0o600)
-    archive.add(_METADATA_MEMBER, metadata_json.encode())
-    archive.add(_CONFIG_MEMBER, config_json.encode())
-    for name, path in _asset_files(assets_root):
-        with open(path, "rb") as asset:
-            archive.add(name, asset.read())
+    archive = _zip.ZipWriter(storage.EarlyWriteback(out), timestamp=timestamp, unix_mode=0o600)
+    for name, data in members:
+        archive.add(name, data)
     archive.add_streamed(_WEIGHTS_MEMBER, segments)
     archive.finish()
 

@@ -13,11 +13,12 @@ import os
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 from keras_ckpt import manifest as mf
 from keras_ckpt import rng
+from keras_ckpt._async import BackgroundWriter
 from keras_ckpt.config import CheckpointConfig, LogValues
 from keras_ckpt.engine import Engine, Transaction, locate
 from keras_ckpt.manifest import Record
@@ -33,8 +34,24 @@ from keras_ckpt.storage import StreamedRead
 STATE_FORMAT = 1
 T = TypeVar("T")
 
-# Writes the payload: (transaction, rendered path, training state) -> None.
-PayloadWriter = Callable[[Transaction, str, dict], None]
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One checkpoint's content, captured from the framework objects, ready to stream.
+
+    ``write(tx)`` streams it into the engine's transaction. ``detached``: it holds its own copy
+    of the state (snapshot buffers), so it may be written on the background writer while
+    training goes on; otherwise it reads the live objects and is written before the save returns.
+    """
+
+    write: Callable[[Transaction], None]
+    detached: bool
+
+
+# Captures the payload: (rendered path, training state, snapshot?) -> Payload. With snapshot
+# True the front-end copies the state into its reusable host buffers (``async_save``).
+Capture = Callable[[str, dict, bool], Payload]
 
 
 def scalar_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
@@ -95,6 +112,9 @@ class Checkpointer:
         self._last_save = time.monotonic()
         # save_on_preemption: installed by the front-end at train begin, acted on at batch ends.
         self.preemption = PreemptionGuard(config.preemption_signals)
+        self.async_save = config.async_save
+        # async_save: the one save in flight (see keras_ckpt._async for who owns what meanwhile).
+        self._writer = BackgroundWriter()
 
     # -- what the front-ends expose ------------------------------------------------------------
 
@@ -129,6 +149,7 @@ class Checkpointer:
     def begin(self, infer_mode: Callable[[], str | None] | None = None) -> str | None:
         """Become the directory's writer, check the monitor's direction; return the path to
         restore from, if any."""
+        self._writer.wait()  # a fit that raised may have left its last save in flight
         self.engine.open("filepath")
         try:
             return self._begin(infer_mode)
@@ -197,12 +218,21 @@ class Checkpointer:
     def end(self) -> None:
         """Training ended (or failed): let other processes write this directory again, and
         put back the signal handlers ``save_on_preemption`` replaced (a signal that arrived is
-        kept for :meth:`PreemptionGuard.redeliver`)."""
-        self.preemption.restore()
-        self.engine.close()
+        kept for :meth:`PreemptionGuard.redeliver`). Waits for the save in flight first and
+        raises its error, if it failed, once the directory is released."""
+        try:
+            self._writer.wait()
+        finally:
+            self.preemption.restore()
+            self.engine.close()
+
+    def wait(self) -> None:
+        """Wait for the save in flight (``async_save``); raise its error if it failed."""
+        self._writer.wait()
 
     def saved_current_step(self) -> bool:
         """Whether the newest committed checkpoint holds the current step (nothing to add)."""
+        self._writer.wait()
         records = self.engine.records
         return bool(records) and records[-1].step == self.step
 
@@ -384,9 +414,17 @@ class Checkpointer:
             ) from e
 
     def save(
-        self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None, write: PayloadWriter
+        self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None, capture: Capture
     ) -> Record | None:
-        """Save now unless ``save_best_only`` says no; return the committed record."""
+        """Save now unless ``save_best_only`` says no; return the committed record.
+
+        With ``async_save`` the state is captured into the front-end's snapshot buffers here and
+        written, committed and pruned on the background writer; this returns None then (the
+        record is in ``checkpoints`` once committed). A preemption save is always synchronous.
+        Either way a save still in flight is waited for first, so every decision below reads
+        committed state, and its error, if it failed, is raised here.
+        """
+        self._writer.wait()
         logs = dict(logs or {})
         path = self._unique(self.render(epoch, batch, logs))
         metrics = scalar_logs(logs)
@@ -420,15 +458,28 @@ class Checkpointer:
             # The file is written before the engine commits its record: carry the best it will
             # have, so ``resume=<this file>`` elsewhere starts from the right best.
             state["monitor"]["best"] = value
-        with self.engine.transaction(
-            path, epoch=self.epochs_done, step=self.step, metrics=metrics
-        ) as tx:
-            write(tx, path, state)
-        self._last_save = time.monotonic()
+        background = self.async_save and not self.preemption.requested
+        payload = capture(path, state, background)
+        epochs_done, step = self.epochs_done, self.step
+
+        def commit() -> Transaction:
+            with self.engine.transaction(path, epoch=epochs_done, step=step, metrics=metrics) as tx:
+                payload.write(tx)
+            return tx
+
+        def saved(tx: Transaction) -> None:
+            for gone in tx.deleted:
+                self._say(f"Epoch {epoch + 1}: removed checkpoint {gone.name} (retention)", level=2)
+            self._say(f"\nEpoch {epoch + 1}: finished saving model to {path}")
+
         self._batches_since_save = 0
-        for gone in tx.deleted:
-            self._say(f"Epoch {epoch + 1}: removed checkpoint {gone.name} (retention)", level=2)
-        self._say(f"\nEpoch {epoch + 1}: finished saving model to {path}")
+        if background and payload.detached:
+            self._last_save = time.monotonic()
+            self._writer.submit(commit, saved)
+            return None
+        tx = commit()
+        self._last_save = time.monotonic()
+        saved(tx)
         return tx.record
 
     def _unique(self, path: str) -> str:

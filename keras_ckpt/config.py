@@ -141,6 +141,7 @@ class CheckpointConfig:
     resume: bool | str = False
     preset: str | None = None
     save_on_preemption: Any = True
+    async_save: Any = False
     owner: str = "ModelCheckpoint"
     policy: RetentionPolicy = field(init=False, repr=False)
     preemption_signals: tuple = field(init=False, repr=False)
@@ -196,6 +197,7 @@ class CheckpointConfig:
             set_(self, "resume", os.fspath(resume))
             check_resume_path(self.resume)  # type: ignore[arg-type]
         set_(self, "preemption_signals", signals_from(self.save_on_preemption))
+        set_(self, "async_save", _check_bool("async_save", self.async_save))
         self._derive()
 
     def _derive(self) -> None:

@@ -14,7 +14,8 @@ import keras
 import numpy as np
 
 from keras_ckpt import _callbacks, _compat, _fastforward, _kerasio, rng
-from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
+from keras_ckpt._async import ReusableBuffers
+from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer, Payload
 from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
@@ -92,6 +93,16 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             ``on_train_end`` too: the default action of the signal ends the process in ours.
             ``preempted`` tells whether it happened. A run resumed from that checkpoint goes on
             at the next batch, as from any mid-epoch checkpoint.
+        async_save: ``True``: a save copies the weights and optimizer variables into host
+            buffers (allocated at the first save, reused by the next ones; one more copy of the
+            state in memory) and returns to training; a background thread writes, checksums,
+            fsyncs, commits and prunes. At most one save is in flight: the next one waits for
+            it, so decisions (``save_best_only``, best-N, rotation) and ``checkpoints``,
+            ``best_path``, ``latest_path`` see committed checkpoints only. An error of the
+            background write (a full disk) is raised at the next save or in ``on_train_end``;
+            ``on_train_end``, the preemption save (always synchronous) and interpreter exit wait
+            for the save in flight. The files are byte for byte those of a synchronous save.
+            Legacy ``.h5`` files (Keras's own writer) are saved synchronously.
     """
 
     def __init__(
@@ -114,6 +125,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         resume: bool | str | os.PathLike = False,
         preset: str | None = None,
         save_on_preemption: bool | tuple = True,
+        async_save: bool = False,
     ) -> None:
         filepath = check_filepath(filepath)  # Keras's base class would fail on ``filepath.endswith``
         # Before Keras's base class: it takes any truthy value as True and then blames filepath.
@@ -140,6 +152,9 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         # Keras's base class already warned about an unknown mode and fell back to "auto".
         config = CheckpointConfig.from_arguments(locals(), mode=self.mode, owner=type(self).__name__)
         self._core = Checkpointer(config, framework="keras", print_fn=_print_msg)
+        self._snapshots: ReusableBuffers[np.ndarray] = ReusableBuffers(
+            lambda nbytes: np.empty(nbytes, dtype=np.uint8)
+        )
         self._resume_pending = resume is not False
         self._resumed_mid_epoch: _fastforward.Resumed | None = None
         self._resumed_epoch: _fastforward.Resumed | None = None  # while that epoch runs
@@ -269,7 +284,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
 
     def _save(self, epoch: int, batch: int | None, logs: dict | None) -> None:
         self._core.step = self._iterations()
-        self._core.save(epoch, batch, logs, self._write)
+        self._core.save(epoch, batch, logs, self._capture)
 
     def _iterations(self) -> int:
         optimizer = getattr(self.model, "optimizer", None)
@@ -277,7 +292,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             return self._core.step
         return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
-    def _write(self, tx: Transaction, path: str, state: dict) -> None:
+    def _capture(self, path: str, state: dict, snapshot: bool) -> Payload:
+        """The file's content as of now; with ``snapshot``, copied out of the variables."""
         state["keras"] = self._keras_state()
         if state["batch"] is not None:
             # The epoch's running metrics (loss and compiled metrics so far): a resume that
@@ -288,21 +304,23 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         blob = json.dumps(state).encode("utf-8")
         include_optimizer = self.save_optimizer
         fast = _kerasio.fast_write_available()
-        if path.endswith(".keras") and fast:
-            _kerasio.write_keras(
-                self.model, tx.open(), state=blob, include_optimizer=include_optimizer,
-                arrays=arrays,
-            )
-        elif path.endswith(".keras"):  # Keras's own writer, then the archive copied with our state
+        if fast and path.endswith((".keras", ".weights.h5")):
+            plan = _kerasio.plan_keras if path.endswith(".keras") else _kerasio.plan_weights_h5
+            planned = plan(self.model, state=blob, include_optimizer=include_optimizer,
+                           arrays=arrays)
+            if snapshot:
+                planned.snapshot(self._snapshots)
+            return Payload(lambda tx: planned.write(tx.open()), detached=snapshot)
+        # Keras's own writers read the live variables: written before the save returns.
+        return Payload(lambda tx: self._write_with_keras(tx, path, blob, arrays), detached=False)
+
+    def _write_with_keras(self, tx: Transaction, path: str, blob: bytes, arrays: dict) -> None:
+        include_optimizer = self.save_optimizer
+        if path.endswith(".keras"):  # Keras's own writer, then the archive copied with our state
             scratch = os.path.join(tx.staging_dir(), "model.keras")
             self.model.save(scratch)
             _kerasio.copy_keras_with_state(
                 scratch, tx.temp_path(), state=blob, include_optimizer=include_optimizer,
-                arrays=arrays,
-            )
-        elif path.endswith(".weights.h5") and fast:
-            _kerasio.write_weights_h5(
-                self.model, tx.open(), state=blob, include_optimizer=include_optimizer,
                 arrays=arrays,
             )
         elif path.endswith(".weights.h5"):  # Keras's own writer, then our state beside its data

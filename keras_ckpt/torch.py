@@ -35,7 +35,8 @@ import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from keras_ckpt import _compat, _zip, rng, storage
-from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer
+from keras_ckpt._async import ReusableBuffers
+from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer, Payload
 from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
@@ -170,6 +171,17 @@ class ModelCheckpoint(CheckpointAttributes):
             loop raises before `on_train_end`, a later signal finds the function that called
             `on_train_begin` gone and is re-delivered at once; the next `on_train_begin`
             restores the previous handlers first.
+        async_save: `True`: a save copies every tensor of the state into host buffers
+            (allocated at the first save, reused by the next ones: one more copy of the state in
+            host memory; pinned memory for CUDA tensors, copied on the current stream) and
+            returns; a background thread writes, checksums, fsyncs, commits and prunes. At most
+            one save is in flight: the next one waits for it, so `save_best_only`, best-N,
+            rotation and `checkpoints`, `best_path`, `latest_path` see committed checkpoints
+            only. An error of the background write (a full disk) is raised by the next save or
+            by `on_train_end`; `on_train_end`, the preemption save (always synchronous) and
+            interpreter exit wait for the save in flight. The files are byte for byte those of
+            a synchronous save (except torch's random serialization id, as with any two
+            `torch.save` files).
         strict: whether model keys missing from or unexpected in a checkpoint, and objects
             given here (`optimizer`, `scheduler`, `extra` entries) that it holds no state for,
             are errors (True) or warnings (False). Shapes and dtypes are checked either way;
@@ -198,6 +210,7 @@ class ModelCheckpoint(CheckpointAttributes):
         resume: bool | str | os.PathLike = False,
         preset: str | None = None,
         save_on_preemption: bool | tuple = True,
+        async_save: bool = False,
         strict: bool = True,
     ) -> None:
         path = check_filepath(filepath)
@@ -235,6 +248,7 @@ class ModelCheckpoint(CheckpointAttributes):
         self.scheduler = scheduler
         self.extra = dict(extra or {})
         self.strict = strict
+        self._host = _HostCopies()
         self.start_batch = 0
         self._skip_pending = False  # whether enumerate() has start_batch batches to skip
         self._batch_calls = 0  # on_train_batch_end calls in the running epoch
@@ -400,8 +414,9 @@ class ModelCheckpoint(CheckpointAttributes):
         )
 
     def on_train_end(self) -> None:
-        """End of training: every due checkpoint is committed already (saves are synchronous);
-        the directory is released, so another process may write to it."""
+        """End of training: waits for the save in flight (`async_save`; its error is raised
+        here), so every due checkpoint is committed; the directory is released, so another
+        process may write to it."""
         guard = self._core.preemption
         if guard.requested:  # the signal came after the last epoch end
             if not self._core.saved_current_step():
@@ -493,9 +508,10 @@ class ModelCheckpoint(CheckpointAttributes):
     def _save(self, epoch: int, batch: int | None, logs: Mapping[str, Any] | None) -> None:
         if _is_distributed_follower():
             return
-        self._core.save(epoch, batch, logs, self._write)
+        self._core.save(epoch, batch, logs, self._capture)
 
-    def _write(self, tx: Transaction, path: str, state: dict) -> None:
+    def _capture(self, path: str, state: dict, snapshot: bool) -> Payload:
+        """The payload as of now; with ``snapshot``, every tensor copied into reused buffers."""
         state["rng"]["torch"] = _capture_torch_rng()
         payload: dict[str, Any] = {"model": _plain_module(self.model).state_dict()}
         if self.optimizer is not None:
@@ -505,10 +521,15 @@ class ModelCheckpoint(CheckpointAttributes):
         if self.extra:
             payload["extra"] = {k: v.state_dict() for k, v in self.extra.items()}
         payload["training_state"] = state
-        host = _HostCopies()
-        payload = _portable(payload, "checkpoint", host)
-        host.wait()
-        _torch_save(payload, tx.open(), path)
+        self._host.begin(snapshot)
+        payload = _portable(payload, "checkpoint", self._host)
+        ready = self._host.end()
+
+        def write(tx: Transaction) -> None:
+            ready()
+            _torch_save(payload, tx.open(), path)
+
+        return Payload(write, detached=snapshot)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -651,7 +672,7 @@ def _portable(value: Any, where: str, host: _HostCopies) -> Any:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise _refused(value, where)
-        return torch.from_numpy(np.ascontiguousarray(value))
+        return host(torch.from_numpy(np.ascontiguousarray(value)))
     if isinstance(value, torch.Tensor):
         return host(value)
     if type(value) in _EXACT_LEAVES or type(value) is torch.Size:
@@ -661,7 +682,9 @@ def _portable(value: Any, where: str, host: _HostCopies) -> Any:
             (_portable(k, where, host), _portable(v, f"{where}[{k!r}]", host))
             for k, v in value.items()
         ]
-        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items())):
+        if not host.snapshot and all(
+            k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items())
+        ):
             return value
         out = type(value)(items)
         if isinstance(value, OrderedDict):  # where state_dict() keeps its _metadata
@@ -669,44 +692,101 @@ def _portable(value: Any, where: str, host: _HostCopies) -> Any:
         return out
     if type(value) in (list, tuple, set):
         items = [_portable(v, f"{where}[{i}]", host) for i, v in enumerate(value)]
-        if all(v is v0 for v, v0 in zip(items, value)):
+        if not host.snapshot and all(v is v0 for v, v0 in zip(items, value)):
             return value
         return type(value)(items)
     raise _refused(value, where)
 
 
 class _HostCopies:
-    """CUDA tensors copied into pinned host memory: every copy queued first, then one wait.
+    """Tensors copied into host buffers that are reused from one save to the next.
 
-    torch.save would copy each storage to fresh pageable memory, one at a time, with the disk
-    idle meanwhile; this takes a fraction of that. It needs host memory for the whole state
-    (torch's caching host allocator keeps it for the next save), and the file then names the
-    CPU as every tensor's location, so it loads on any machine without ``map_location``.
-    Tensors viewing the same memory (tied weights) share one copy.
+    CUDA tensors always (into pinned memory, every copy queued on the current stream, then one
+    wait): torch.save would copy each storage to fresh pageable memory, one at a time, with the
+    disk idle meanwhile; this takes a fraction of that. It needs host memory for the whole state,
+    and the file then names the CPU as every tensor's location, so it loads on any machine
+    without ``map_location``. Tensors viewing the same memory (tied weights) share one copy.
+
+    With ``snapshot`` (``async_save``) CPU tensors are copied too, storage by storage with
+    their views rebuilt over the copy, so the file is byte for byte the one the tensors
+    themselves give. CUDA copies need no wait on the training thread: later kernels on the
+    stream run after them; the writer waits (``end()``'s result) before it reads them.
     """
 
     def __init__(self) -> None:
+        self._pinned: ReusableBuffers[torch.UntypedStorage] = ReusableBuffers(
+            lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True).untyped_storage()
+        )
+        self._host: ReusableBuffers[torch.UntypedStorage] = ReusableBuffers(torch.UntypedStorage)
+        self.snapshot = False
+        self.memo: dict[int, Any] = {}  # id -> copy, for one payload (see _portable)
         self._copies: dict[tuple, torch.Tensor] = {}
+        self._storages: dict[tuple, torch.UntypedStorage] = {}
         self._devices: set[torch.device] = set()
+
+    def begin(self, snapshot: bool) -> None:
+        """Start copying one payload's tensors; ``snapshot``: CPU tensors too."""
+        self.snapshot = snapshot
+        # A capture that raised (a value torch.load would refuse) never reached end().
+        self.memo, self._copies, self._storages, self._devices = {}, {}, {}, set()
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         # Sparse, quantized and subclassed tensors (DTensor) are left to torch.save.
         plain = type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.layout == torch.strided
-        if tensor.device.type != "cuda" or not plain or tensor.is_quantized:
-            return tensor
+        if not plain or tensor.is_quantized:
+            return tensor.clone() if self.snapshot else tensor
+        if tensor.device.type == "cuda":
+            return self._pinned_copy(tensor)
+        if tensor.device.type == "cpu" and self.snapshot:
+            return self._storage_copy(tensor)
+        return tensor
+
+    def _pinned_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape,
                tensor.stride(), tensor.dtype)
         copy = self._copies.get(key)
         if copy is None:
-            copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            nbytes = tensor.numel() * tensor.element_size()
+            buffer = self._pinned.take(key, nbytes)
+            copy = torch.empty(0, dtype=tensor.dtype).set_(buffer, 0, tensor.shape)
             copy.copy_(tensor, non_blocking=True)
             self._copies[key] = copy
             self._devices.add(tensor.device)
         return copy
 
-    def wait(self) -> None:
-        for device in self._devices:
-            torch.cuda.synchronize(device)
+    def _storage_copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        source = tensor.untyped_storage()
+        key = (source.data_ptr(), source.nbytes())
+        copy = self._storages.get(key)
+        if copy is None:
+            copy = self._host.take(key, source.nbytes())
+            # numpy's copy: one memcpy, ~1.8x as fast here as torch's copy_ of the same bytes
+            np.copyto(_bytes_of(copy), _bytes_of(source))
+            self._storages[key] = copy
+        view = torch.empty(0, dtype=tensor.dtype).set_(
+            copy, tensor.storage_offset(), tensor.shape, tensor.stride()
+        )
+        if isinstance(tensor, torch.nn.Parameter):
+            return torch.nn.Parameter(view, requires_grad=tensor.requires_grad)
+        return view.requires_grad_(tensor.requires_grad)
+
+    def end(self) -> Callable[[], None]:
+        """The payload is captured: returns the wait for its CUDA copies (call before reading)."""
+        events = [torch.cuda.current_stream(d).record_event() for d in self._devices]
+        self._pinned.end()
+        self._host.end()
+        self.memo, self._copies, self._storages, self._devices = {}, {}, {}, set()
+
+        def ready() -> None:
+            for event in events:
+                event.synchronize()
+
+        return ready
+
+
+def _bytes_of(storage: torch.UntypedStorage) -> np.ndarray:
+    """A CPU storage's bytes as a numpy array over the same memory."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy()
 
 
 def _refused(value: Any, where: str) -> TypeError:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from keras_ckpt.checkpointer import Checkpointer as _Checkpointer
+from keras_ckpt.checkpointer import Payload
 from keras_ckpt.config import CheckpointConfig
 
 
@@ -17,10 +18,12 @@ def Checkpointer(filepath, *, framework, **arguments):  # noqa: N802 -- reads as
 
 
 def write_epoch(tag):
-    def write(tx, path, state):
-        with tx.open() as f:
-            f.write(tag.encode())
-    return write
+    def capture(path, state, snapshot):
+        def write(tx):
+            with tx.open() as f:
+                f.write(tag.encode())
+        return Payload(write, detached=True)  # the tag is immutable: a snapshot already
+    return capture
 
 
 def run(ck, values, batches_per_epoch=0):

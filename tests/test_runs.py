@@ -16,6 +16,7 @@ from keras_ckpt import cli
 from keras_ckpt import engine as engine_mod
 from keras_ckpt import manifest as mf
 from keras_ckpt.checkpointer import Checkpointer as _Checkpointer
+from keras_ckpt.checkpointer import Payload
 from keras_ckpt.config import CheckpointConfig
 from keras_ckpt.engine import Engine
 from keras_ckpt.policy import RetentionPolicy
@@ -27,10 +28,14 @@ def Checkpointer(filepath, *, framework, **arguments):  # noqa: N802 -- reads as
 
 
 def payload(tag):
-    def write(tx, path, state):
-        with tx.open() as f:
-            f.write(json.dumps({"tag": tag, "state": state}).encode())
-    return write
+    def capture(path, state, snapshot):
+        blob = json.dumps({"tag": tag, "state": state}).encode()
+
+        def write(tx):
+            with tx.open() as f:
+                f.write(blob)
+        return Payload(write, detached=True)
+    return capture
 
 
 def train(ck, values, start=0, monitor="val_loss"):
