@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 import zipfile
 import zlib
@@ -106,6 +107,28 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
         n >>= 1
         k += 1
     return _multmodp(shift, crc1) ^ crc2
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _crc_pool() -> ThreadPoolExecutor:
+    """The CRC threads, started once per process: a checkpoint has a member per variable, and
+    starting threads for each cost more than its CRC on a busy machine."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_CRC_THREADS, thread_name_prefix="keras_ckpt-crc")
+        return _pool
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # a forked child has the pool but not its threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _crc_of(segments: list[memoryview]) -> int:
@@ -295,13 +318,13 @@ class ZipWriter:
                 self._emit(segment)
         else:
             runs = _split(segments, _CRC_THREADS)
-            with ThreadPoolExecutor(len(runs)) as pool:
-                crcs = [pool.submit(_crc_of, run) for run in runs]
-                for segment in segments:
-                    self._emit(segment)
-                crc = 0
-                for run, future in zip(runs, crcs):
-                    crc = crc32_combine(crc, future.result(), sum(len(s) for s in run))
+            pool = _crc_pool()
+            crcs = [pool.submit(_crc_of, run) for run in runs]
+            for segment in segments:
+                self._emit(segment)
+            crc = 0
+            for run, future in zip(runs, crcs):
+                crc = crc32_combine(crc, future.result(), sum(len(s) for s in run))
         if size > self._limit:
             self._emit(struct.pack("<4sLQQ", b"PK\x07\x08", crc, size, size))
         else:
