@@ -51,7 +51,7 @@ import keras
 import numpy as np
 
 from keras_ckpt import _compat, _zip, storage
-from keras_ckpt._async import ReusableBuffers
+from keras_ckpt._async import ReusableBuffers, copy_all
 
 __all__ = [
     "ARRAYS_GROUP",
@@ -354,11 +354,13 @@ class Planned:
 
     def snapshot(self, buffers: ReusableBuffers[np.ndarray]) -> None:
         """Copy every segment that views live memory into ``buffers`` (keyed by dataset name)."""
+        pairs = []
         for index, name in self._live:
             source = self._segments[index]
             copy = buffers.take(name, source.nbytes)
-            np.copyto(copy, np.frombuffer(source, dtype=np.uint8))
+            pairs.append((copy, np.frombuffer(source, dtype=np.uint8)))
             self._segments[index] = memoryview(copy)
+        copy_all(pairs)
         buffers.end()
         self._live = []
 
