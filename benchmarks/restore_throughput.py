@@ -38,18 +38,10 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.suite import drop_pages  # noqa: E402
+
 TARGET = 0.80
 WIDTH = 2048
-
-
-def _drop(path: str) -> None:
-    """Make ``path``'s pages clean (fsync) and drop them from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def _raw_reader(size: int) -> Callable[[str], None]:
@@ -192,7 +184,7 @@ def measure(rounds: int = 5, params: float = 50e6, directory: str | None = None)
             ratios: dict[str, list[float]] = {}
             order = [(fmt, kind) for fmt in files for kind in ("raw", "resume", "stock")]
             for fmt, kind in order:  # warm-up: imports, first-call costs
-                _drop(files[fmt])
+                drop_pages(files[fmt])
                 raw(files[fmt]) if kind == "raw" else fns[f"{fmt}/{kind}"]()
             for round_ in range(rounds):
                 for fmt in files:
@@ -201,7 +193,7 @@ def measure(rounds: int = 5, params: float = 50e6, directory: str | None = None)
                     kinds = kinds[round_ % 3 :] + kinds[: round_ % 3]  # rotate the order
                     for kind in kinds:
                         gc.collect()
-                        _drop(files[fmt])
+                        drop_pages(files[fmt])
                         start = time.perf_counter()
                         raw(files[fmt]) if kind == "raw" else fns[f"{fmt}/{kind}"]()
                         seconds[kind] = time.perf_counter() - start

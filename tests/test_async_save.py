@@ -19,7 +19,6 @@ import struct
 import subprocess
 import sys
 import time
-import uuid
 import zipfile
 
 import keras
@@ -125,19 +124,6 @@ class TorchLoop:
         loss.backward()
         self.opt.step()
         return loss.item()
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    d = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 # -- arguments --------------------------------------------------------------------------------

@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import uuid
 
 import pytest
 
 from keras_ckpt import manifest as mf
 from keras_ckpt.engine import Engine, verify
 from keras_ckpt.policy import RetentionPolicy
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    d = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def engine_in(directory, template="ck-{epoch}.bin"):
