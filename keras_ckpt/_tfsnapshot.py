@@ -19,8 +19,8 @@ Why not TF's own ``tf.train.CheckpointOptions(experimental_enable_async_checkpoi
 model): its second save fails (``ValueError`` from Keras's ``_copy_trackable_to_cpu``, which
 creates a ``tf.Variable`` inside TF's ``tf.function``); the checkpoints it does write hold its
 own internal ``save_counter`` (0) instead of the checkpoint's, so they neither restore the same
-state nor have the same bytes as a synchronous write; ``Checkpoint.sync()`` does not raise the
-background write's error (only the next async write or an ``atexit`` handler does); and its
+state nor have the same bytes as a synchronous write; ``Checkpoint.sync()`` returns normally
+after a background write failed on a full disk (the next async write raises it); and its
 writer is a daemon thread that exit waits for at most 300 s. Its stall is near zero because it
 shares the variables' memory copy-on-write, which moves a copy of every updated variable into
 the next training step (docs/performance.md has the figures).
