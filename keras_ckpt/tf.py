@@ -180,7 +180,7 @@ class CheckpointManager(SeriesAttributes):
         self._step_counter = step_counter
         self._checkpoint_interval = checkpoint_interval
         self._init_fn = init_fn
-        self._async_save = bool(async_save)
+        self._closed = False
         self._snapshots = _tfsnapshot.Snapshots() if async_save else None
         self._warned_synchronous = False
         # The one save in flight (keras_ckpt._async says who owns what meanwhile). It sets
@@ -318,6 +318,9 @@ class CheckpointManager(SeriesAttributes):
         # A save in flight first (its error is raised here): never two, and nothing below
         # changes for a save that does not happen.
         self._writer.wait()
+        if self._closed:  # become the directory's writer again before anything is staged there
+            self._series.engine.open("directory", self._directory)
+            self._closed = False
         if self._checkpoint_interval is not None:
             self._last_checkpoint_step = step
         counter = self._checkpoint.save_counter
@@ -396,3 +399,4 @@ class CheckpointManager(SeriesAttributes):
             self._writer.wait()
         finally:
             self._series.engine.close()
+            self._closed = True

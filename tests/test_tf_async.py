@@ -256,6 +256,29 @@ def test_writer_error_is_raised_on_the_calling_thread(small_disk, raised_by):
     assert again.restore_or_initialize() == str(small_disk / "ckpt-2")
 
 
+def test_close_lets_another_process_write_and_a_later_save_takes_the_directory_back(tmp_path):
+    loop = TFLoop()
+    manager = CheckpointManager(loop.checkpoint(), tmp_path, max_to_keep=None, async_save=True)
+    loop.train()
+    manager.save()
+    manager.close()
+    assert names(manager) == ["ckpt-1"]
+    other = subprocess.run(
+        [sys.executable, "-c", "import sys; from keras_ckpt import storage; "
+         "storage.acquire_writer(sys.argv[1]); storage.release_writer(sys.argv[1])", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0, other.stderr
+    loop.train()
+    manager.save()
+    manager.sync()
+    assert names(manager) == ["ckpt-1", "ckpt-2"] and committed_on_disk(tmp_path) == names(manager)
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import sys; from keras_ckpt import storage; "
+         "storage.acquire_writer(sys.argv[1])", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert "DirectoryLocked" in blocked.stderr
+
+
 def test_write_callbacks_save_synchronously_with_a_warning(tmp_path):
     loop = TFLoop()
     written = []
