@@ -15,7 +15,10 @@ order, after one untimed warm-up round, and reports medians):
 - ``async``: with ``async_save=True``, what a save stops training for (the stall), the next
   training step after it, and the time until the save is durable, beside the synchronous save of
   the same state and one plain memcpy of the state's bytes (the ``save`` section's synchronous
-  rows run too: they are the denominators).
+  rows run too: they are the denominators). On the TensorFlow backend also the TF2
+  ``CheckpointManager`` (a ``tf.train.Checkpoint`` of the Keras model and its optimizer), and,
+  as an anchor, TF's own ``CheckpointOptions(experimental_enable_async_checkpoint=True)`` with
+  the stock manager (on the variables themselves: with the Keras model its second save fails).
 - ``resume``: ``ModelCheckpoint(resume=True)``'s ``on_train_begin`` (find the newest
   checkpoint that verifies, load it: what a restarted job waits for) beside a raw read of the
   same file, each after the file is fsynced and its pages dropped (``POSIX_FADV_DONTNEED``);
@@ -139,11 +142,13 @@ def async_available() -> dict[str, bool]:
     import keras_ckpt
     import keras_ckpt.torch
 
-    return {
-        name: "async_save" in inspect.signature(cls.__init__).parameters
-        for name, cls in (("keras", keras_ckpt.ModelCheckpoint),
-                          ("torch", keras_ckpt.torch.ModelCheckpoint))
-    }
+    classes = [("keras", keras_ckpt.ModelCheckpoint), ("torch", keras_ckpt.torch.ModelCheckpoint)]
+    if keras_backend() == "tensorflow":
+        import keras_ckpt.tf
+
+        classes.append(("tf", keras_ckpt.tf.CheckpointManager))
+    return {name: "async_save" in inspect.signature(cls.__init__).parameters
+            for name, cls in classes}
 
 
 def run_rounds(env: Env, rows: list[Row], rounds: int) -> dict[str, list[dict]]:
@@ -273,6 +278,20 @@ def tf_checkpoint(env: Env, directory: str) -> Any:
                                       max_to_keep=None)
 
 
+def model_checkpoint(env: Env) -> Any:
+    """A ``tf.train.Checkpoint`` of the Keras model and its optimizer, as a TF2 custom loop has."""
+    import tensorflow as tf
+
+    model = keras_model(env)
+    return tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+
+
+def prefix_files(prefix: str) -> list[str]:
+    """The files of TF checkpoint ``prefix`` (``.index``, ``.data-*``)."""
+    directory, base = os.path.split(prefix)
+    return [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(base + ".")]
+
+
 def keras_backend() -> str:
     import keras
 
@@ -350,15 +369,27 @@ def save_rows(env: Env) -> list[Row]:
         def tf_save(i: int, settle: Callable[[], None]) -> dict:
             settle()
             start = time.perf_counter()
-            prefix = manager.save()
-            paths = [os.path.join(root, "tf", n) for n in os.listdir(os.path.join(root, "tf"))
-                     if os.path.join(root, "tf", n).startswith(prefix + ".")]
+            paths = prefix_files(manager.save())
             for path in paths:
                 _fsync(path)
             return {"s": time.perf_counter() - start, "bytes": files_bytes(*paths),
                     "files": paths}
 
+        import keras_ckpt.tf
+
+        ours = keras_ckpt.tf.CheckpointManager(model_checkpoint(env), os.path.join(root, "ck_tf"),
+                                               max_to_keep=None)
+
+        def ck_tf(i: int, settle: Callable[[], None]) -> dict:
+            settle()
+            start = time.perf_counter()
+            prefix = ours.save()
+            seconds = time.perf_counter() - start
+            paths = prefix_files(prefix)
+            return {"s": seconds, "bytes": files_bytes(*paths), "files": paths}
+
         rows.append(Row("st_tf", "stock tf.train.CheckpointManager.save + fsync", tf_save))
+        rows.append(Row("ck_tf", _LABELS["ck_tf"], ck_tf))
     return rows
 
 
@@ -405,18 +436,40 @@ def async_rows(env: Env) -> list[Row]:
             shim.on_train_begin()
         rows.append(Row("as_pt", "keras_ckpt.torch .pt, async_save=True",
                         _async_row(shim, torch_step(env), shim.on_epoch_end)))
+    if available.get("tf"):
+        import tensorflow as tf
+
+        import keras_ckpt.tf
+
+        manager = keras_ckpt.tf.CheckpointManager(model_checkpoint(env), os.path.join(root, "tf"),
+                                                  max_to_keep=None, async_save=True)
+        rows.append(Row("as_tf", "keras_ckpt.tf.CheckpointManager, async_save=True",
+                        _async_row(manager, keras_step(env), lambda i: manager.save(),
+                                   wait=manager.sync,
+                                   files=lambda: prefix_files(manager.latest_checkpoint))))
+        stock = tf_checkpoint(env, os.path.join(root, "tfopt"))
+        options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)
+        rows.append(Row("as_tfopt", _LABELS["as_tfopt"],
+                        _async_row(stock, keras_step(env), lambda i: stock.save(options=options),
+                                   wait=stock.checkpoint.sync,
+                                   files=lambda: prefix_files(stock.latest_checkpoint))))
     return rows
 
 
-def _async_row(ckpt: Any, step: Callable[[], None], save: Callable[[int], None]) -> Callable:
+def _async_row(
+    ckpt: Any, step: Callable[[], None], save: Callable[[int], None],
+    wait: Callable[[], None] | None = None, files: Callable[[], list[str]] | None = None,
+) -> Callable:
     """A training step, the save (its stall), the next step, then the wait until it is durable.
 
     Durable means committed: ``latest_path`` reflects committed checkpoints only (DESIGN.md,
     "Async saving"), so the row polls it; the benchmark needs no private hook into the writer.
+    Where the checkpointer has a public ``wait`` (the TF managers' ``sync``), the row calls it
+    instead, and ``files`` lists the newest checkpoint's files (default: ``latest_path``).
     """
 
     def run(i: int, settle: Callable[[], None]) -> dict:
-        before = ckpt.latest_path
+        before = ckpt.latest_path if wait is None else None
         settle()
         t0 = time.perf_counter()
         step()
@@ -425,14 +478,17 @@ def _async_row(ckpt: Any, step: Callable[[], None], save: Callable[[int], None])
         t2 = time.perf_counter()
         step()
         t3 = time.perf_counter()
+        if wait is not None:
+            wait()
         deadline = t3 + 120
-        while ckpt.latest_path == before and time.perf_counter() < deadline:
+        while wait is None and ckpt.latest_path == before and time.perf_counter() < deadline:
             time.sleep(0.001)
-        if ckpt.latest_path == before:
+        if wait is None and ckpt.latest_path == before:
             raise RuntimeError("async save not committed after 120 s (latest_path unchanged)")
         t4 = time.perf_counter()
+        paths = [ckpt.latest_path] if files is None else files()
         return {"s": t2 - t1, "base_step": t1 - t0, "next_step": t3 - t2, "durable": t4 - t1,
-                "bytes": os.path.getsize(ckpt.latest_path), "files": [ckpt.latest_path]}
+                "bytes": files_bytes(*paths), "files": paths}
 
     return run
 
@@ -447,7 +503,7 @@ def save_lines(r: dict[str, list[dict]], with_save: bool, with_async: bool) -> l
             rate = throughput(r, key)
             lines.append(Line("save", label, _mb(r, key), med(r, key), _gbs(rate), rate / raw,
                               "x raw write"))
-        for key in ("ck_keras", "ck_h5", "ck_pt", "st_keras", "st_h5", "st_tf", "st_pt"):
+        for key in ("ck_keras", "ck_h5", "ck_pt", "ck_tf", "st_keras", "st_h5", "st_tf", "st_pt"):
             if key not in r:
                 continue
             rate = throughput(r, key)
@@ -465,24 +521,35 @@ def save_lines(r: dict[str, list[dict]], with_save: bool, with_async: bool) -> l
     lines.append(Line("async", "one plain memcpy of the state's bytes", _mb(r, "memcpy"), memcpy,
                       _gbs(throughput(r, "memcpy"))))
     for key, sync_key, label in (("as_h5", "ck_h5", "keras_ckpt .weights.h5 async stall"),
-                                 ("as_pt", "ck_pt", "keras_ckpt.torch .pt async stall")):
+                                 ("as_pt", "ck_pt", "keras_ckpt.torch .pt async stall"),
+                                 ("as_tf", "ck_tf", "keras_ckpt.tf.CheckpointManager async stall"),
+                                 ("as_tfopt", "st_tf", _LABELS["as_tfopt"] + " stall")):
+        if sync_key not in r:
+            continue  # another backend than TensorFlow: no TF rows
         if key not in r:
             lines.append(Line("async", label, note=NA_ASYNC))
             continue
         stall, sync = med(r, key), med(r, sync_key)
-        lines.append(Line("async", label, _mb(r, key), stall, ratio=sync / stall,
-                          ref="x sync save", target=">= 10.0 (t <= 0.10x)",
-                          met=verdict(sync / stall, 10.0) if sync / stall >= 10.0
-                          else verdict(memcpy / stall, 1 / 1.5)))
-        lines.append(Line("async", "  same", ratio=memcpy / stall, ref="x memcpy",
-                          target=">= 0.67 (t <= 1.5x)", met=verdict(memcpy / stall, 1 / 1.5),
-                          note="either target"))
+        if key == "as_tfopt":  # an anchor: no target of ours
+            lines.append(Line("async", label, _mb(r, key), stall, ratio=sync / stall,
+                              ref="x stock sync save", note="shares the variables' memory (copy-on-write)"))
+            lines.append(Line("async", "  same", ratio=memcpy / stall, ref="x memcpy"))
+        else:
+            lines.append(Line("async", label, _mb(r, key), stall, ratio=sync / stall,
+                              ref="x sync save", target=">= 10.0 (t <= 0.10x)",
+                              met=verdict(sync / stall, 10.0) if sync / stall >= 10.0
+                              else verdict(memcpy / stall, 1 / 1.5)))
+            lines.append(Line("async", "  same", ratio=memcpy / stall, ref="x memcpy",
+                              target=">= 0.67 (t <= 1.5x)", met=verdict(memcpy / stall, 1 / 1.5),
+                              note="either target"))
         base, after = med(r, key, "base_step"), med(r, key, "next_step")
         lines.append(Line("async", "  next training step", seconds=after, ratio=base / after,
                           ref="x a step", note=f"a step without a save: {base:.3f} s"))
         lines.append(Line("async", "  until durable", seconds=med(r, key, "durable"),
                           ratio=sync / med(r, key, "durable"), ref="x sync save",
-                          note="stall + step + background write"))
+                          note="stall + step + background write" + (
+                              " (sync(): written, TF does not fsync)" if key == "as_tfopt"
+                              else "")))
     return lines
 
 
@@ -494,6 +561,8 @@ _LABELS = {
     "st_h5": "stock model.save_weights .weights.h5 + fsync",
     "st_tf": "stock tf.train.CheckpointManager.save + fsync",
     "st_pt": "stock torch.save .pt + fsync",
+    "ck_tf": "keras_ckpt.tf.CheckpointManager.save",
+    "as_tfopt": "stock TF async (CheckpointOptions)",
 }
 
 

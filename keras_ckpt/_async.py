@@ -1,6 +1,8 @@
 """``async_save``: one background writer, and host buffers reused from one snapshot to the next.
 
-Who owns what while a save is in flight (the Keras callback and the torch shim alike):
+Who owns what while a save is in flight (the Keras callback and the torch shim alike; the TF2
+``CheckpointManager`` takes the Checkpointer's place in what follows, its snapshot is
+:mod:`keras_ckpt._tfsnapshot`):
 
 - The training thread owns the :class:`keras_ckpt.checkpointer.Checkpointer` (schedule counters,
   step, epoch) and takes the snapshot. Before it decides anything that reads the engine's state
@@ -61,7 +63,7 @@ class BackgroundWriter:
         """Whether a save was submitted and :meth:`wait` has not collected it yet."""
         return self._thread is not None
 
-    def submit(self, job: Callable[[], T], done: Callable[[T], None]) -> None:
+    def submit(self, job: Callable[[], T], done: Callable[[T], None] | None = None) -> None:
         """Run ``job()`` on a new writer thread; ``done(result)`` runs in the next :meth:`wait`.
 
         A save still in flight is waited for first (its error, if any, is raised here and
@@ -92,6 +94,16 @@ class BackgroundWriter:
             raise error
         if done is not None:
             done(result)
+
+    def poll(self) -> None:
+        """Collect the save in flight if it has finished (as :meth:`wait`); never waits.
+
+        For a call that decides not to save: a failure in the background is raised at the first
+        chance, without stalling training for a write that is still going on.
+        """
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            self.wait()
 
     def _unreported(self) -> BaseException | None:
         return self._error if self._thread is not None and not self._thread.is_alive() else None

@@ -175,7 +175,39 @@ KERAS_FAST_READ: tuple[PrivateAPI, ...] = (
     KERAS_LOAD_STATE, KERAS_RAISE_LOADING_FAILURE, KERAS_H5_IO_STORE, KERAS_H5_GET_FILE,
 )
 """All of these or none: the in-place reader needs every one."""
+_TF_SNAPSHOT = "keras_ckpt._tfsnapshot (the TF2 CheckpointManager's async_save)"
+_TF_SNAPSHOT_FALLBACK = "async_save writes synchronously, with a warning"
+TF_GATHER_SERIALIZED_TENSORS = PrivateAPI(
+    "tensorflow", "tensorflow.python.checkpoint.checkpoint",
+    "TrackableSaver._gather_serialized_tensors", ("object_graph_tensor",),
+    _TF_SNAPSHOT + ": what Checkpoint.write would save (called on checkpoint._saver), "
+    "returning (serialized tensors, feed additions, registered savers, object graph proto)",
+    _TF_SNAPSHOT_FALLBACK,
+)
+TF_MULTI_DEVICE_SAVER = PrivateAPI(
+    "tensorflow", "tensorflow.python.checkpoint.functional_saver", "MultiDeviceSaver",
+    ("serialized_tensors", "registered_savers"),
+    _TF_SNAPSHOT + ": Checkpoint.write's own saver, over the snapshot's tensors",
+    _TF_SNAPSHOT_FALLBACK,
+)
+TF_MULTI_DEVICE_SAVER_SAVE = PrivateAPI(
+    "tensorflow", "tensorflow.python.checkpoint.functional_saver", "MultiDeviceSaver.save",
+    ("file_prefix", "options"), _TF_SNAPSHOT + " (on the background writer)",
+    _TF_SNAPSHOT_FALLBACK,
+)
+TF_SAVE_SPEC = PrivateAPI(
+    "tensorflow", "tensorflow.python.training.saving.saveable_object", "SaveSpec",
+    ("tensor", "slice_spec", "name", "dtype", "device"),
+    _TF_SNAPSHOT + ": the gathered values are SaveSpecs (.tensor, .device; a callable tensor "
+    "reads the variable) or tensors; the snapshot's are SaveSpecs of its buffers",
+    _TF_SNAPSHOT_FALLBACK,
+)
+TF_SNAPSHOT: tuple[PrivateAPI, ...] = (
+    TF_GATHER_SERIALIZED_TENSORS, TF_MULTI_DEVICE_SAVER, TF_MULTI_DEVICE_SAVER_SAVE, TF_SAVE_SPEC,
+)
+"""All of these or none: the TF2 snapshot needs every one."""
 TENSORFLOW: tuple[PrivateAPI, ...] = (
+    *TF_SNAPSHOT,
     # Not called by keras_ckpt but overridden: TPUEstimator tells every CheckpointSaverHook how
     # many steps one session.run advances through it. Valid in TF 2.15 and 2.21.
     PrivateAPI(

@@ -14,6 +14,7 @@ Keras.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import warnings
@@ -42,6 +43,9 @@ STATE_FILE = "checkpoint"
 # ``keep_checkpoint_every_n_hours`` measures from, committed with the records it decided on.
 LAST_PRESERVED = "tf_last_preserved_timestamp"
 _DATA_SHARD = re.compile(r"\.data-(\d{5})-of-(\d{5})")
+# Failures of a file operation that TF's writers report as an OpError ending in the OS's reason.
+_IO_ERRNOS = tuple(getattr(errno, name) for name in
+                   ("ENOSPC", "EDQUOT", "EFBIG", "EIO", "EROFS", "EACCES") if hasattr(errno, name))
 
 
 def build_policy(
@@ -122,6 +126,15 @@ def _prefix_files(names: Sequence[str], base: str) -> list[str] | None:
     if base + ".meta" in names:  # a TF1 Saver's graph
         files.append(base + ".meta")
     return files
+
+
+def _as_os_error(error: tf.errors.OpError) -> OSError | None:
+    """The ``OSError`` every other save raises for this failure (a full disk), or None if it is
+    not a failed file operation."""
+    for code in _IO_ERRNOS:
+        if os.strerror(code) in (error.message or ""):
+            return OSError(code, os.strerror(code))
+    return None
 
 
 def _staged_files(staged_prefix: str) -> list[str]:
@@ -378,7 +391,9 @@ class PrefixSeries:
         """Write checkpoint ``basename-number`` with ``write(staged_prefix)`` and commit it.
 
         The engine renames the files into place and commits the record (files checksummed);
-        TF's state file then names the new checkpoint, before retention deletes anything.
+        TF's state file then names the new checkpoint, before retention deletes anything. A
+        file operation of TF's writer that fails (a full disk) is raised as an ``OSError``
+        naming the checkpoint, chained to TF's error.
         """
         self.check_foreign()
         name = f"{self.basename}-{number}"
@@ -388,7 +403,13 @@ class PrefixSeries:
             # TF's state file names the new checkpoint in the same commit as the manifest.
             tx.side_file(STATE_FILE, lambda state: self._state_bytes(name, state))
             staged = os.path.join(tx.staging_dir(), name)
-            write(staged)
+            try:
+                write(staged)
+            except tf.errors.OpError as e:
+                failed = _as_os_error(e)
+                if failed is None:
+                    raise
+                raise failed from e  # the transaction names the file and the directory
             for file_name in _staged_files(staged):
                 tx.adopt(os.path.join(os.path.dirname(staged), file_name), file_name)
         return tx

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from keras_ckpt import _tfsnapshot
+from keras_ckpt._async import BackgroundWriter
 from keras_ckpt._tfcommon import (
     HoursAnchor,
     PrefixSeries,
@@ -72,6 +74,19 @@ class CheckpointManager(SeriesAttributes):
     later rotates ours away); saving works in eager mode only (use
     :class:`keras_ckpt.estimator.CheckpointHook` in graph mode).
 
+    With ``async_save=True``, ``save`` copies the checkpoint's values into host buffers
+    (allocated at the first save and reused) and returns; one background thread writes them as
+    ``checkpoint.write`` would (the same bytes), checksums, fsyncs, commits and prunes. At most
+    one save is in flight: the next ``save`` (and ``restore_or_initialize``, ``sync``,
+    ``close``) waits for it and raises its error if it failed (a full disk: an ``OSError``
+    naming the checkpoint); a ``save`` that ``checkpoint_interval`` skips raises such an error
+    only if the write is already over, without waiting. ``checkpoints``, ``latest_checkpoint``,
+    ``records``, TF's ``checkpoint`` state file and rotation only ever show committed
+    checkpoints. Interpreter exit waits for the save in flight. This is keras_ckpt's own
+    writer, not TF's ``CheckpointOptions(experimental_enable_async_checkpoint=True)``, which
+    fails on the second save of a Keras 3 model and writes another ``save_counter`` than the
+    checkpoint's (see ``keras_ckpt/_tfsnapshot.py``).
+
     Example:
 
     ```python
@@ -102,6 +117,8 @@ class CheckpointManager(SeriesAttributes):
         keep_best: also keep the N best checkpoints by ``monitor``/``mode``.
         monitor: the key of ``save(metrics=...)`` ranked for best-N.
         mode: ``"min"``, ``"max"``, or ``"auto"`` (inferred from the monitor's name).
+        async_save: ``True``: ``save`` snapshots the values into reused host buffers and the
+            write, checksum, fsync, commit and rotation happen on a background thread.
 
     Attributes:
         last_checkpoint_step: the ``step_counter`` value at the last save or restore (with
@@ -126,7 +143,12 @@ class CheckpointManager(SeriesAttributes):
         keep_best: int = 0,
         monitor: str | None = None,
         mode: str = "auto",
+        async_save: bool = False,
     ) -> None:
+        if not isinstance(async_save, bool) and async_save not in (0, 1):
+            raise ValueError(
+                f"async_save must be True or False. Received: async_save={async_save!r}"
+            )
         validate_positive_number("keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours)
         validate_count("checkpoint_interval", checkpoint_interval, minimum=1)
         if checkpoint_interval is not None and step_counter is None:
@@ -158,6 +180,12 @@ class CheckpointManager(SeriesAttributes):
         self._step_counter = step_counter
         self._checkpoint_interval = checkpoint_interval
         self._init_fn = init_fn
+        self._closed = False
+        self._snapshots = _tfsnapshot.Snapshots() if async_save else None
+        self._warned_synchronous = False
+        # The one save in flight (keras_ckpt._async says who owns what meanwhile). It sets
+        # _latest once its checkpoint is committed: a reference, read here in one step.
+        self._writer = BackgroundWriter()
         # TF keeps it only with checkpoint_interval; so do we (it is what the interval counts from).
         self._last_checkpoint_step = last_checkpoint_step if checkpoint_interval is not None else None
         created = time.time()
@@ -269,7 +297,8 @@ class CheckpointManager(SeriesAttributes):
             metrics: this checkpoint's metrics (scalars); ``metrics[monitor]`` ranks best-N.
 
         Returns:
-            The new checkpoint's prefix, or None when ``checkpoint_interval`` skipped the save.
+            The new checkpoint's prefix (with ``async_save``: the prefix it has once committed;
+            ``sync()`` waits for that), or None when ``checkpoint_interval`` skipped the save.
         """
         if not tf.executing_eagerly():
             raise RuntimeError(
@@ -284,22 +313,58 @@ class CheckpointManager(SeriesAttributes):
             if last is not None and (
                 step == last or (check_interval and step < last + self._checkpoint_interval)
             ):
+                self._writer.poll()
                 return None
+        # A save in flight first (its error is raised here): never two, and nothing below
+        # changes for a save that does not happen.
+        self._writer.wait()
+        if self._closed:  # become the directory's writer again before anything is staged there
+            self._series.engine.open("directory", self._directory)
+            self._closed = False
+        if self._checkpoint_interval is not None:
             self._last_checkpoint_step = step
         counter = self._checkpoint.save_counter
         counter.assign_add(1)
         number = _as_int(counter if checkpoint_number is None else checkpoint_number)
         values = scalar_logs(metrics)
         warn_if_unscored(values, self._series.engine.policy, f"checkpoint number {number}")
+        self._series.check_foreign()  # here, not on the writer: its warning is this call's
+        write, background = self._capture(options)
+
+        def commit() -> None:
+            tx = self._series.commit(number, write, step=step, metrics=values)
+            self._latest = tx.record
+
+        if background:
+            self._writer.submit(commit)
+        else:
+            commit()
+        return os.path.join(self._directory, f"{self._series.basename}-{number}")
+
+    def _capture(
+        self, options: tf.train.CheckpointOptions | None
+    ) -> tuple[Callable[[str], None], bool]:
+        """How this save writes its files, and whether that may happen on the writer thread:
+        from a snapshot taken now (``async_save``), else from the live variables."""
+        if self._snapshots is not None:
+            reason = _tfsnapshot.unavailable(self._checkpoint, options)
+            snapshot = self._snapshots.take(self._checkpoint) if reason is None else None
+            if snapshot is not None:
+                return (lambda prefix: snapshot.write(prefix, options)), True
+            self._warn_synchronous(reason or "the checkpoint holds objects with a registered "
+                                   "saver, which TF writes from the live objects")
 
         def write(prefix: str) -> None:
             self._checkpoint.write(prefix, options=options)
             # The engine commits complete files only: wait for an asynchronous write.
             self._checkpoint.sync()
 
-        tx = self._series.commit(number, write, step=step, metrics=values)
-        self._latest = tx.record
-        return self.latest_checkpoint
+        return write, False
+
+    def _warn_synchronous(self, reason: str) -> None:
+        if not self._warned_synchronous:
+            self._warned_synchronous = True
+            warnings.warn(f"async_save: saving synchronously, because {reason}.", stacklevel=4)
 
     def restore_or_initialize(self) -> str | None:
         """Restore the newest checkpoint that verifies, or call ``init_fn`` when there is none.
@@ -307,6 +372,7 @@ class CheckpointManager(SeriesAttributes):
         Returns:
             The restored prefix, or None.
         """
+        self._writer.wait()
         path = self.latest_checkpoint
         if path is None:
             if self._init_fn is not None:
@@ -318,5 +384,19 @@ class CheckpointManager(SeriesAttributes):
         return path
 
     def sync(self) -> None:
-        """Wait for outstanding checkpoint operations (saves here are synchronous)."""
+        """Wait for the save in flight (``async_save``) and raise its error if it failed; then
+        for TF's own outstanding checkpoint operations."""
+        self._writer.wait()
         self._checkpoint.sync()
+
+    def close(self) -> None:
+        """Wait for the save in flight, then let other processes write the directory.
+
+        The save's error, if it failed, is raised once the directory is released. A later
+        ``save`` takes the directory again.
+        """
+        try:
+            self._writer.wait()
+        finally:
+            self._series.engine.close()
+            self._closed = True

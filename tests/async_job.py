@@ -6,6 +6,10 @@
     python tests/async_job.py exit-after-end DIR   the torch shim, os._exit(0) after on_train_end
     python tests/async_job.py fit-raises DIR       fit raises while epoch 1's save is in flight
     python tests/async_job.py preempt-torch DIR    SIGTERM while a batch-end save is in flight
+    python tests/async_job.py kill-tf DIR          keras_ckpt.tf.CheckpointManager: the second
+                                                   save held in flight, the test kills -9
+    python tests/async_job.py tf-exit DIR          the TF2 manager: save, then the script ends
+    python tests/async_job.py tf-close DIR         the TF2 manager: save, close(), os._exit(0)
 
 A save is held in flight by holding ``keras_ckpt.storage.directory_lock`` (the lock the writer
 takes to commit the manifest) on the training thread: the writer streams and fsyncs the file,
@@ -138,7 +142,52 @@ def preempt_torch(directory: str) -> None:
     _say(event="NOT PREEMPTED")
 
 
+def _tf_setup(directory: str, width: int, **kwargs):
+    from _tf_training import TFLoop
+
+    from keras_ckpt.tf import CheckpointManager
+
+    loop = TFLoop(inputs=width, width=width)
+    manager = CheckpointManager(loop.checkpoint(), directory, async_save=True, **kwargs)
+    return loop, manager
+
+
+def kill_tf(directory: str) -> None:
+    from keras_ckpt import storage
+
+    loop, manager = _tf_setup(directory, width=1024, max_to_keep=1)
+    loop.train()
+    manager.save()
+    manager.sync()
+    loop.train()
+    with storage.directory_lock(directory):
+        manager.save()
+        _say(event="IN FLIGHT", committed=[os.path.basename(p) for p in manager.checkpoints])
+        time.sleep(600)  # killed here
+
+
+def tf_exit(directory: str) -> None:
+    # ~100 MB per checkpoint: far longer to write and fsync than the instant the script takes
+    # to end after save() returns.
+    loop, manager = _tf_setup(directory, width=2048, max_to_keep=None)
+    for _ in range(2):
+        loop.train()
+        manager.save()
+    _say(event="SAVED", committed=[os.path.basename(p) for p in manager.checkpoints])
+
+
+def tf_close(directory: str) -> None:
+    loop, manager = _tf_setup(directory, width=2048, max_to_keep=None)
+    for _ in range(2):
+        loop.train()
+        manager.save()
+    manager.close()
+    _say(event="CLOSED", committed=[os.path.basename(p) for p in manager.checkpoints])
+    os._exit(0)  # no thread joins, no atexit: only what close() waited for is committed
+
+
 if __name__ == "__main__":
     job, directory = sys.argv[1], sys.argv[2]
     {"kill-torch": kill_torch, "exit-after-fit": exit_after_fit, "exit-after-end": exit_after_end,
-     "fit-raises": fit_raises, "preempt-torch": preempt_torch}[job](directory)
+     "fit-raises": fit_raises, "preempt-torch": preempt_torch, "kill-tf": kill_tf,
+     "tf-exit": tf_exit, "tf-close": tf_close}[job](directory)

@@ -27,6 +27,8 @@ ROWS = [
     ("save", "stock model.save .keras + fsync", "x raw write"),
     ("save", "stock model.save_weights .weights.h5 + fsync", "x raw write"),
     ("save", "stock tf.train.CheckpointManager.save + fsync", "x raw write"),
+    ("save", "keras_ckpt.tf.CheckpointManager.save", "x raw write"),
+    ("async", "stock TF async (CheckpointOptions) stall", "x stock sync save"),
     ("save", "stock torch.save .pt + fsync", "x raw write"),
     ("resume", "raw cold read of the .keras file", "x raw read .keras"),
     ("resume", "keras_ckpt resume .keras (on_train_begin)", "x raw read .keras"),
@@ -46,7 +48,8 @@ ROWS = [
     ("disk", "latest-1 + best-1 .keras, 5 epochs", "x one ckpt (size)"),
     ("disk", "latest-1 + best-1 .pt, 5 epochs", "x one ckpt (size)"),
 ]
-ASYNC = ("keras_ckpt .weights.h5 async stall", "keras_ckpt.torch .pt async stall")
+ASYNC = ("keras_ckpt .weights.h5 async stall", "keras_ckpt.torch .pt async stall",
+         "keras_ckpt.tf.CheckpointManager async stall")
 
 
 def _table(out: str) -> tuple[str, list[str]]:
@@ -85,9 +88,12 @@ def test_quick_run_prints_every_row_with_its_ratio(tmp_path):
         assert "x own output path" in rows[at + 1] and float(_ratio(header, rows[at + 1]))
 
     import keras_ckpt
+    import keras_ckpt.tf
     import keras_ckpt.torch
 
-    for label, cls in zip(ASYNC, (keras_ckpt.ModelCheckpoint, keras_ckpt.torch.ModelCheckpoint)):
+    classes = (keras_ckpt.ModelCheckpoint, keras_ckpt.torch.ModelCheckpoint,
+               keras_ckpt.tf.CheckpointManager)
+    for label, cls in zip(ASYNC, classes):
         line = next(r for r in rows if r.startswith(f"async    {label}"))
         if "async_save" in inspect.signature(cls.__init__).parameters:
             float(_ratio(header, line))

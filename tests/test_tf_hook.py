@@ -307,3 +307,24 @@ def test_is_chief_from_tf_config(tmp_path, monkeypatch):
     assert not _chief_from_tf_config()
     monkeypatch.delenv("TF_CONFIG")
     assert _chief_from_tf_config()
+
+
+def test_full_disk_raises_an_oserror_naming_the_checkpoint(small_disk):
+    """~3 MB per checkpoint: two fit in 8 MB; TF's Saver fails on the third (ENOSPC)."""
+    with tf.Graph().as_default():
+        gs = tf.compat.v1.train.get_or_create_global_step()
+        big = tf.compat.v1.get_variable("big", [750_000], initializer=tf.compat.v1.zeros_initializer())
+        train_op = tf.group(big.assign_add(tf.ones_like(big)), gs.assign_add(1))
+        hook = CheckpointHook(small_disk, save_steps=1, max_to_keep=None)
+        with pytest.raises(OSError, match="No space left on device") as err:
+            with tf.compat.v1.train.MonitoredTrainingSession(
+                checkpoint_dir=str(small_disk), hooks=[hook], save_checkpoint_secs=None,
+                save_summaries_steps=None, log_step_count_steps=None,
+            ) as sess:
+                for _ in range(5):
+                    sess.run(train_op)
+    committed = [r.name for r in mf.load(str(small_disk)).checkpoints]
+    assert len(committed) == 2
+    failed = f"model.ckpt-{int(committed[-1].split('-')[-1]) + 1}.index"
+    assert err.value.filename == str(small_disk / failed), err.value
+    assert not [n for n in os.listdir(small_disk) if n.startswith(".keras_ckpt-tmp")]
