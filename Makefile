@@ -14,7 +14,8 @@ TF215_PINS = tensorflow==2.15.1 tensorflow-estimator==2.15.0 keras==2.15.0
 # The Keras front-end on the jax backend, with neither TensorFlow nor torch installed.
 JAX_PINS = "jax[cpu]==0.10.2" "keras>=3.15,<3.16" "h5py<3.15"
 # Most of the suite's time is subprocesses importing a framework and training (crash, preemption,
-# docs and example tests): two pytest workers keep both cores busy. PYTEST_WORKERS=0 runs serially.
+# docs and example tests): two pytest workers keep both cores busy, each test file on one worker
+# (a document's blocks in tests/test_docs.py build on each other). PYTEST_WORKERS=0 runs serially.
 PYTEST_WORKERS ?= 2
 KERAS_TESTS = tests/test_keras.py tests/test_kerasio.py tests/test_keras_peer.py \
 	tests/test_compat_keras.py tests/test_keras_crash.py tests/test_callbacks_state.py \
@@ -60,14 +61,14 @@ demo: $(VENV)/.installed
 test: test-main test-estimator test-jax
 
 test-main: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -m "not estimator" tests
+	$(VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not estimator" tests
 
 test-estimator: $(VENV_TF215)/.installed
 	$(VENV_TF215)/bin/python -m pytest -q -m estimator -p no:cacheprovider tests/test_estimator.py tests/test_docs.py \
 		tests/test_preemption.py tests/test_examples.py
 
 test-jax: $(VENV_JAX)/.installed
-	KERAS_BACKEND=jax $(VENV_JAX)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider $(KERAS_TESTS)
+	KERAS_BACKEND=jax $(VENV_JAX)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -p no:cacheprovider $(KERAS_TESTS)
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks $(BENCH_ARGS)
