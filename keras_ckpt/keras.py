@@ -255,14 +255,18 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         # Also here: a resume that left no epoch to train never reaches on_epoch_begin.
         self._clear_initial_epoch()
         guard = self._core.preemption
-        if guard.requested:  # the signal came after the last epoch end's save decision
-            self._core.step = self._iterations()
-            if not self._core.saved_current_step():
-                self._save(max(self._core.epochs_done - 1, 0), None, logs)
-            guard.preempted = True
-        self._siblings.end()
-        self._core.end()
-        if guard.preempted:
+        try:
+            # First: a signal that arrives while the save in flight commits is acted on below.
+            self._core.wait()
+            if guard.requested:  # the signal came after the last epoch end's save decision
+                self._core.step = self._iterations()
+                if not self._core.saved_current_step():
+                    self._save(max(self._core.epochs_done - 1, 0), None, logs)
+                guard.preempted = True
+        finally:
+            self._siblings.end()
+            self._core.end()
+        if guard.received:  # also one that came after the check above, until end() restored
             guard.redeliver()
 
     def _replayed(self, batch: int) -> bool:

@@ -418,12 +418,16 @@ class ModelCheckpoint(CheckpointAttributes):
         here), so every due checkpoint is committed; the directory is released, so another
         process may write to it."""
         guard = self._core.preemption
-        if guard.requested:  # the signal came after the last epoch end
-            if not self._core.saved_current_step():
-                self._save(max(self._core.epochs_done - 1, 0), None, None)
-            guard.preempted = True
-        self._core.end()
-        if guard.preempted:
+        try:
+            # First: a signal that arrives while the save in flight commits is acted on below.
+            self._core.wait()
+            if guard.requested:  # the signal came after the last epoch end
+                if not self._core.saved_current_step():
+                    self._save(max(self._core.epochs_done - 1, 0), None, None)
+                guard.preempted = True
+        finally:
+            self._core.end()
+        if guard.received:  # also one that came after the check above, until end() restored
             guard.redeliver()
 
     # -- restoring ----------------------------------------------------------------------------
