@@ -63,6 +63,7 @@ __all__ = [
     "fast_read_available",
     "fast_write_available",
     "file_format",
+    "holds_optimizer",
     "load_into",
     "plan_keras",
     "plan_weights_h5",
@@ -110,6 +111,7 @@ _ASSETS_DIR = _private_or(_compat.KERAS_ASSETS_DIRNAME, "assets")
 # Without it the subclasses below still import; fast_*_available() keeps them unused.
 _H5IOStore: type = _private_or(_compat.KERAS_H5_IO_STORE, object)
 _OPTIMIZER_PATH = "optimizer"  # the Model attribute the walk stores the optimizer under
+_LEGACY_OPTIMIZER_PATH = "optimizer_weights"  # where Keras's legacy .h5 writer puts them
 
 # Smaller arrays are left to h5py: planning them saves nothing and only adds segments.
 _PLAN_MIN_BYTES = 1 << 16
@@ -564,6 +566,12 @@ def read_state(path: str, source: storage.StreamedRead | None = None) -> bytes |
         if not isinstance(dataset, h5py.Dataset):
             return None
         return np.asarray(dataset[()], dtype=np.uint8).tobytes()
+
+
+def holds_optimizer(path: str, source: storage.StreamedRead | None = None) -> bool:
+    """Whether the ``.keras``, ``.weights.h5`` or legacy ``.h5`` file holds optimizer variables."""
+    with _weights(path, source) as (h5_file, _, _):
+        return _OPTIMIZER_PATH in h5_file or _LEGACY_OPTIMIZER_PATH in h5_file
 
 
 def read_arrays(path: str, source: storage.StreamedRead | None = None) -> dict[str, np.ndarray]:

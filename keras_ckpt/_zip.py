@@ -24,7 +24,7 @@ import threading
 import time
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, NamedTuple
 
 __all__ = ["ZIP64_LIMIT", "ZipWriter", "crc32_combine", "member_data_offset"]
@@ -121,6 +121,23 @@ def _crc_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(_CRC_THREADS, thread_name_prefix="keras_ckpt-crc")
         return _pool
+
+
+def _crc_aside(runs: list[list[memoryview]]) -> list[Future[int] | None]:
+    """Each run's CRC started on the pool; None for a run the caller must CRC itself.
+
+    At interpreter exit ``concurrent.futures`` refuses new work before the interpreter waits for
+    an ``async_save`` writer still in flight (``threading._shutdown`` runs its hooks first):
+    that save must still finish, on its own thread.
+    """
+    pool = _crc_pool()
+    crcs: list[Future[int] | None] = []
+    for run in runs:
+        try:
+            crcs.append(pool.submit(_crc_of, run))
+        except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+            crcs.append(None)
+    return crcs
 
 
 def _forget_pool() -> None:
@@ -318,13 +335,13 @@ class ZipWriter:
                 self._emit(segment)
         else:
             runs = _split(segments, _CRC_THREADS)
-            pool = _crc_pool()
-            crcs = [pool.submit(_crc_of, run) for run in runs]
+            crcs = _crc_aside(runs)
             for segment in segments:
                 self._emit(segment)
             crc = 0
             for run, future in zip(runs, crcs):
-                crc = crc32_combine(crc, future.result(), sum(len(s) for s in run))
+                part = _crc_of(run) if future is None else future.result()
+                crc = crc32_combine(crc, part, sum(len(s) for s in run))
         if size > self._limit:
             self._emit(struct.pack("<4sLQQ", b"PK\x07\x08", crc, size, size))
         else:

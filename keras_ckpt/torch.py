@@ -267,8 +267,10 @@ class ModelCheckpoint(CheckpointAttributes):
         path = self._core.begin()
         if path is not None:
             try:
-                # Read once: checksummed while it loads, the previous one loaded if it is corrupt.
+                # Read once, checksummed while it loads; the previous one if it is corrupt. Only
+                # a verified payload reaches the objects, so a corrupt one leaves nothing in them.
                 path, payload = self._core.load(path, self._load_file)
+                self._assign(path, payload)
                 self._adopt(path, payload)
             except BaseException:
                 self._core.end()  # nothing was trained: leave the directory to other writers
@@ -418,12 +420,16 @@ class ModelCheckpoint(CheckpointAttributes):
         here), so every due checkpoint is committed; the directory is released, so another
         process may write to it."""
         guard = self._core.preemption
-        if guard.requested:  # the signal came after the last epoch end
-            if not self._core.saved_current_step():
-                self._save(max(self._core.epochs_done - 1, 0), None, None)
-            guard.preempted = True
-        self._core.end()
-        if guard.preempted:
+        try:
+            # First: a signal that arrives while the save in flight commits is acted on below.
+            self._core.wait()
+            if guard.requested:  # the signal came after the last epoch end
+                if not self._core.saved_current_step():
+                    self._save(max(self._core.epochs_done - 1, 0), None, None)
+                guard.preempted = True
+        finally:
+            self._core.end()
+        if guard.received:  # also one that came after the check above, until end() restored
             guard.redeliver()
 
     # -- restoring ----------------------------------------------------------------------------
@@ -444,15 +450,13 @@ class ModelCheckpoint(CheckpointAttributes):
         self._adopt(path, payload)
 
     def _load_file(self, path: str, source: storage.StreamedRead | None) -> Mapping[str, Any]:
-        """The checkpoint at ``path`` loaded into the objects (through ``source`` where given)."""
+        """The checkpoint at ``path`` read (through ``source`` where given), not yet assigned."""
         try:
-            payload = _load(path, source)
+            return _load(path, source)
         except _Unreadable as e:
             raise ValueError(
                 f"resume={self._core.resume!r}: {e} Received: resume={self._core.resume!r}"
             ) from None
-        self._assign(path, payload)
-        return payload
 
     def _assign(self, path: str, payload: Mapping[str, Any]) -> None:
         """Check the payload against the objects, then load it into them."""

@@ -10,6 +10,11 @@
                                                    save held in flight, the test kills -9
     python tests/async_job.py tf-exit DIR          the TF2 manager: save, then the script ends
     python tests/async_job.py tf-close DIR         the TF2 manager: save, close(), os._exit(0)
+    python tests/async_job.py term-at-end-keras DIR   SIGTERM while on_train_end waits for the
+    python tests/async_job.py term-at-end-torch DIR   last epoch's save (prints "SURVIVED" if the
+                                                      process outlives it)
+    python tests/async_job.py exit-in-flight DIR   the torch shim's script ends (no on_train_end)
+                                                   right after an epoch's save was submitted
 
 A save is held in flight by holding ``keras_ckpt.storage.directory_lock`` (the lock the writer
 takes to commit the manifest) on the training thread: the writer streams and fsyncs the file,
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 
@@ -29,13 +36,14 @@ def _say(**report) -> None:
 
 
 def _torch_setup(directory: str, width: int, inputs: int = 32, name: str = "ckpt-{epoch}.pt",
-                 **kwargs):
+                 depth: int = 0, **kwargs):
     import torch
 
     from keras_ckpt.torch import ModelCheckpoint
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(inputs, width), torch.nn.ReLU(),
+    hidden = [torch.nn.Linear(width, width) for _ in range(depth)]
+    model = torch.nn.Sequential(torch.nn.Linear(inputs, width), torch.nn.ReLU(), *hidden,
                                 torch.nn.Linear(width, 2))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     ckpt = ModelCheckpoint(os.path.join(directory, name), model=model, optimizer=opt,
@@ -186,8 +194,91 @@ def tf_close(directory: str) -> None:
     os._exit(0)  # no thread joins, no atexit: only what close() waited for is committed
 
 
+def _signal_while_waiting(directory: str) -> threading.Event:
+    """Hold the save about to be submitted in flight; once the main thread waits for it, send
+    this process SIGTERM, then let the save commit. Set the returned event before that wait."""
+    from keras_ckpt import _async, storage
+
+    held, ending = threading.Event(), threading.Event()
+    main = threading.main_thread().ident
+
+    def waiting() -> bool:
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code is _async.BackgroundWriter.wait.__code__:
+                return True
+            frame = frame.f_back
+        return False
+
+    def hold() -> None:
+        with storage.directory_lock(directory):
+            held.set()
+            ending.wait()
+            while not waiting():
+                time.sleep(0.01)
+            _say(event="SIGNALLING")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs while the save is still held
+
+    threading.Thread(target=hold).start()
+    held.wait()
+    return ending
+
+
+def term_at_end_keras(directory: str) -> None:
+    import keras
+    import numpy as np
+
+    import keras_ckpt
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    ckpt = keras_ckpt.ModelCheckpoint(os.path.join(directory, "ckpt-{epoch}.keras"),
+                                      monitor="loss", async_save=True)
+
+    class Hold(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):  # runs before the checkpoint callback's
+            if epoch == 1:
+                while not ckpt.checkpoints:  # epoch 0's save commits (it would wait for the hold)
+                    time.sleep(0.01)
+                self.ending = _signal_while_waiting(directory)
+
+        def on_train_end(self, logs=None):
+            self.ending.set()
+
+    model.fit(x, x[:, :2], epochs=2, batch_size=16, verbose=0, callbacks=[Hold(), ckpt])
+    _say(event="SURVIVED", committed=[r.name for r in ckpt.checkpoints])
+
+
+def term_at_end_torch(directory: str) -> None:
+    ckpt, step = _torch_setup(directory, width=64)
+    ckpt.on_train_begin()
+    ckpt.on_epoch_end(0, logs={"loss": step()})
+    loss = step()
+    while not ckpt.checkpoints:  # epoch 0's save commits (it would wait for the hold)
+        time.sleep(0.01)
+    ending = _signal_while_waiting(directory)
+    ckpt.on_epoch_end(1, logs={"loss": loss})
+    ending.set()
+    ckpt.on_train_end()
+    _say(event="SURVIVED", committed=[r.name for r in ckpt.checkpoints])
+
+
+def exit_in_flight(directory: str) -> None:
+    # Tensors of 4 MB (~100 MB with Adam's state): each is a zip record whose CRC is computed
+    # aside; the interpreter starts shutting down while the first records are written.
+    ckpt, step = _torch_setup(directory, width=1024, inputs=1024, depth=8)
+    ckpt.on_train_begin()
+    ckpt.on_epoch_end(0, logs={"loss": step()})
+    _say(event="RETURNING", committed=[r.name for r in ckpt.checkpoints])
+
+
 if __name__ == "__main__":
     job, directory = sys.argv[1], sys.argv[2]
     {"kill-torch": kill_torch, "exit-after-fit": exit_after_fit, "exit-after-end": exit_after_end,
      "fit-raises": fit_raises, "preempt-torch": preempt_torch, "kill-tf": kill_tf,
-     "tf-exit": tf_exit, "tf-close": tf_close}[job](directory)
+     "tf-exit": tf_exit, "tf-close": tf_close,
+     "term-at-end-keras": term_at_end_keras, "term-at-end-torch": term_at_end_torch,
+     "exit-in-flight": exit_in_flight}[job](directory)

@@ -441,3 +441,24 @@ def test_preemption_save_waits_for_the_save_in_flight(tmp_path):
     assert committed_on_disk(directory) == ["ckpt-1-2", "ckpt-1-4", "ckpt-1-5"]
     assert mf.load(str(directory)).checkpoints[-1].step == 5
     assert not temporaries(directory)
+
+
+def test_script_that_ends_with_a_save_in_flight_still_commits_it(tmp_path):
+    """No on_train_end: the interpreter waits for the writer, whose zip records are CRC'd on a
+    thread pool that concurrent.futures shuts down before that wait (it refused the work)."""
+    r = run_job("exit-in-flight", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert reports(r.stdout)["RETURNING"]["committed"] == []  # still in flight as it returned
+    assert "failed" not in r.stderr, r.stderr
+    assert committed_on_disk(tmp_path) == ["ckpt-1"] and not temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("front_end", ["keras", "torch"])
+def test_sigterm_while_train_end_waits_for_the_save_is_redelivered(tmp_path, front_end):
+    """The signal lands while on_train_end waits for the last epoch's save: the save commits,
+    then the process dies of it (it used to be swallowed, and the script went on)."""
+    r = run_job(f"term-at-end-{front_end}", tmp_path)
+    assert "SIGNALLING" in reports(r.stdout), r.stderr[-3000:]
+    assert r.returncode == -signal.SIGTERM, r.stdout + r.stderr[-3000:]
+    assert "SURVIVED" not in reports(r.stdout)
+    assert committed_on_disk(tmp_path) == ["ckpt-1", "ckpt-2"] and not temporaries(tmp_path)

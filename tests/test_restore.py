@@ -127,6 +127,80 @@ def test_torch_corrupt_newest_found_while_loading_gives_the_previous_one_bitwise
             assert torch.equal(v, state[i][k]), (i, k)
 
 
+def test_a_corrupt_newest_whose_optimizer_state_was_loaded_is_not_left_under_one_without(tmp_path):
+    """ck-1 holds no optimizer state (save_optimizer=False), ck-2 does and turns out corrupt
+    once its variables are in the model: ck-1's weights would leave ck-2's optimizer values
+    there. Refused before training; the path the message names restores with a fresh one."""
+    template = str(tmp_path / "ck-{epoch}.keras")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 128)).astype("float32")
+    model = big_model()
+    model.fit(x, x[:, :1], batch_size=8, epochs=1, verbose=0, callbacks=[
+        keras_ckpt.ModelCheckpoint(template, monitor="loss", save_optimizer=False)])
+    ck1 = values(model)[: len(model.weights)]
+    second = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
+    model.fit(x, x[:, :1], batch_size=8, epochs=2, verbose=0, callbacks=[second])
+    flip_middle_byte(second.latest_path)
+
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
+    ckpt.set_model(big_model())
+    with pytest.warns(UserWarning, match="skipping checkpoint 'ck-2'"), pytest.raises(
+        ValueError, match=r"holds no optimizer state.*resume='[^']*ck-1\.keras'.*resume=True"
+    ):
+        ckpt.on_train_begin()
+    again = big_model()
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=str(tmp_path / "ck-1.keras"))
+    ckpt.set_model(again)
+    ckpt.on_train_begin()
+    ckpt.on_train_end()
+    assert int(again.optimizer.iterations.numpy()) == 0
+    assert not any(np.any(v.numpy()) for v in again.optimizer.variables[2:])  # Adam's slots
+    for got, want in zip(values(again), ck1):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_torch_corrupt_newest_leaves_nothing_in_objects_the_previous_one_does_not_hold(tmp_path):
+    """The torch file is read whole before anything is assigned: after a corrupt ck-2, ck-1 (no
+    optimizer state; strict=False) leaves the optimizer as it was, not with ck-2's slots."""
+    torch = pytest.importorskip("torch")
+    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 1))
+        return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def step(model, opt):
+        model(torch.ones(4, 256)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    template = str(tmp_path / "c-{epoch}.pt")
+    model, opt = build()
+    first = TorchCheckpoint(template, model=model)
+    first.on_train_begin()
+    step(model, opt)
+    first.on_epoch_end(0)
+    first.on_train_end()
+    ck1 = {k: v.clone() for k, v in model.state_dict().items()}
+    second = TorchCheckpoint(template, model=model, optimizer=opt, resume=True, strict=False)
+    with pytest.warns(UserWarning, match="missing from the checkpoint: .*optimizer"):
+        second.on_train_begin()
+    step(model, opt)
+    second.on_epoch_end(1)
+    second.on_train_end()
+    flip_middle_byte(second.latest_path)
+
+    model2, opt2 = build()
+    again = TorchCheckpoint(template, model=model2, optimizer=opt2, resume=True, strict=False)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint 'c-2'.*does not match"):
+        assert again.on_train_begin() == 1
+    again.on_train_end()
+    assert opt2.state_dict()["state"] == {}
+    for key, value in model2.state_dict().items():
+        assert torch.equal(value, ck1[key]), key
+
+
 def test_planned_ranges_come_back_with_the_files_bytes_and_bad_plans_are_ignored(tmp_path):
     # Ranges read straight into buffers of their own, overlapping and outside ones left out (read
     # by copying instead), and a corrupt byte inside a planned range still fails the checksum.
