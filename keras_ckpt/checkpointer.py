@@ -404,6 +404,10 @@ class Checkpointer:
 
     def render(self, epoch: int, batch: int | None, logs: Mapping[str, Any]) -> str:
         """Keras's file naming: ``{epoch}`` is 1-based, ``{batch}`` too, log keys by name."""
+        if batch is None and self._last_batch_seen is not None:
+            # An epoch-end save under a {batch} template (a preemption at the epoch's end, with
+            # an integer save_freq): named after the epoch's last batch, whose state it holds.
+            batch = self._last_batch_seen
         try:
             if batch is None or "batch" in logs:
                 return self.filepath.format(epoch=epoch + 1, **logs)

@@ -176,6 +176,14 @@ class CheckpointConfig:
                 "save_freq must be 'epoch' or an integer > 0 (a number of batches). "
                 f"Received: save_freq={save_freq!r}"
             )
+        if save_freq == "epoch" and re.search(r"\{batch(?:[:!][^}]*)?\}", self.filepath):
+            # Epoch-end saves have no batch to fill in: Keras's own callback fails with a
+            # KeyError after the first epoch's training; this says so before any.
+            raise ValueError(
+                "filepath uses {batch}, but save_freq='epoch' saves at epoch ends, where there is "
+                "no batch number. Pass an integer save_freq (a number of batches) or drop {batch}. "
+                f"Received: filepath={self.filepath!r}, save_freq='epoch'"
+            )
         if self.initial_value_threshold is not None:
             try:
                 threshold = float(self.initial_value_threshold)

@@ -76,3 +76,22 @@ def test_every_n_epochs_keeps_the_end_of_epoch_save_despite_mid_epoch_saves(tmp_
     # c-03-* are saves in the middle of the 3rd epoch: 2 epochs done, like c-02-0's end of epoch 2
     assert kept["c-02-0"] == ("every_n_epochs",) and kept["c-04-0"] == ("latest", "every_n_epochs")
     assert set(kept) == {"c-02-0", "c-04-0"}
+
+
+def test_a_batch_template_with_epoch_end_saves_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"\{batch\}.*save_freq='epoch'.*Received: filepath=.*c-"):
+        Checkpointer(str(tmp_path / "c-{epoch}-{batch:03d}.bin"), framework="t")
+
+
+def test_an_epoch_end_save_under_a_batch_template_is_named_after_the_last_batch(tmp_path):
+    # A preemption at an epoch's end saves with no batch: the name is the epoch's last batch's.
+    ck = Checkpointer(str(tmp_path / "c-{epoch}-{batch}.bin"), framework="t", save_freq=100,
+                      max_to_keep=None)
+    ck.begin()
+    ck.on_epoch_begin(0)
+    for batch in range(5):
+        ck.step += 1
+        assert not ck.batch_due(batch)
+    ck.save(0, None, {"loss": 0.5}, write_epoch("end"))
+    assert (tmp_path / "c-1-5.bin").read_bytes() == b"end"
+    assert [r.name for r in ck.checkpoints] == ["c-1-5"]
