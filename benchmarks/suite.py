@@ -735,14 +735,21 @@ _RESUME_LABELS = {
 
 
 def overhead_rows(env: Env) -> list[Row]:
-    """A round's step time = its fastest block of ``--steps`` / 20 steps, per step.
+    """Two measures of what keras_ckpt costs a step that does not save.
 
-    A block runs from one batch begin to the one a block later, so the saves at epoch end and
+    *Fit steps*: a round's step time = its fastest block of ``--steps`` / 20 steps, per step. A
+    block runs from one batch begin to the one a block later, so the saves at epoch end and
     fit's setup are outside every block; the fastest block is the one other processes disturbed
-    least (on a shared machine they always disturb some), which is what a 1% comparison needs.
-    The Keras rows all carry the same timer, a batch-begin hook: Keras dispatches batch ends
-    asynchronously where it can, batch begins never, so the timer changes nothing the
-    checkpoint callbacks would."""
+    least. The Keras rows all carry the same timer, a batch-begin hook: Keras dispatches batch
+    ends asynchronously where it can, batch begins never, so the timer changes nothing the
+    checkpoint callbacks would. A second no-callback row (A/A) shows the noise a ratio of two
+    fits carries on this machine.
+
+    *Hooks*: what the callback adds to each step, measured directly: the batch-begin and
+    batch-end calls of the CallbackList that ``fit`` builds (History included), with and
+    without the callback, in alternating blocks; the torch shim's ``on_train_batch_end`` beside
+    an empty call. Differences of a microsecond, which no ratio of two fits can resolve.
+    """
     import keras
     import numpy as np
     import torch
@@ -783,6 +790,33 @@ def overhead_rows(env: Env) -> list[Row]:
 
         return run
 
+    def keras_hooks(i: int, settle: Callable[[], None]) -> dict:
+        directory = os.path.join(root, f"h{i}")
+        ours = keras_ckpt.ModelCheckpoint(os.path.join(directory, "ckpt-{epoch:03d}.keras"))
+        lists = {}
+        for key, callbacks in (("none", []), ("ours", [ours])):
+            # As fit builds it (verbose=0: no progress bar).
+            lists[key] = keras.callbacks.CallbackList(
+                callbacks, add_history=True, add_progbar=False, verbose=0, epochs=1,
+                steps=steps, model=model)
+            lists[key].on_train_begin()
+            lists[key].on_epoch_begin(0)
+        logs = {"loss": 0.5}
+        per: dict[str, list[float]] = {"none": [], "ours": []}
+        settle()
+        for _ in range(_HOOK_BLOCKS):
+            for key, callbacks in lists.items():
+                start = time.perf_counter()
+                for b in range(steps):
+                    callbacks.on_train_batch_begin(b)
+                    callbacks.on_train_batch_end(b, logs)
+                per[key].append((time.perf_counter() - start) / steps)
+        asynchronous = lists["ours"]._async_train  # whether Keras hands batch ends to a thread
+        for callbacks in lists.values():
+            callbacks.on_train_end()
+        return {"s": min(per["ours"]) - min(per["none"]), "bytes": 0, "files": [directory],
+                "async": asynchronous}
+
     tmodel = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
                                  torch.nn.Linear(256, 256), torch.nn.ReLU(),
                                  torch.nn.Linear(256, 8))
@@ -819,14 +853,41 @@ def overhead_rows(env: Env) -> list[Row]:
 
         return run
 
+    def torch_hooks(i: int, settle: Callable[[], None]) -> dict:
+        directory = os.path.join(root, f"th{i}")
+        shim = keras_ckpt.torch.ModelCheckpoint(os.path.join(directory, "ckpt-{epoch:03d}.pt"),
+                                                model=tmodel, optimizer=topt)
+        shim.on_train_begin()
+
+        def empty(batch: int) -> None:
+            pass
+
+        per: dict[str, list[float]] = {"empty": [], "shim": []}
+        settle()
+        for _ in range(_HOOK_BLOCKS):
+            for key, hook in (("empty", empty), ("shim", shim.on_train_batch_end)):
+                start = time.perf_counter()
+                for b in range(steps):
+                    hook(b)
+                per[key].append((time.perf_counter() - start) / steps)
+        shim.on_train_end()
+        return {"s": min(per["shim"]) - min(per["empty"]), "bytes": 0, "files": [directory]}
+
     return [
         Row("k_none", _OVERHEAD_LABELS["k_none"], fit(None), pause=False),
+        Row("k_none2", _OVERHEAD_LABELS["k_none2"], fit(None), pause=False),
         Row("k_ours", _OVERHEAD_LABELS["k_ours"], fit(keras_ckpt.ModelCheckpoint), pause=False),
         Row("k_stock", _OVERHEAD_LABELS["k_stock"], fit(keras.callbacks.ModelCheckpoint),
             pause=False),
+        Row("k_hooks", _OVERHEAD_LABELS["k_hooks"], keras_hooks, pause=False),
         Row("t_none", _OVERHEAD_LABELS["t_none"], loop(False), pause=False),
         Row("t_ours", _OVERHEAD_LABELS["t_ours"], loop(True), pause=False),
+        Row("t_hooks", _OVERHEAD_LABELS["t_hooks"], torch_hooks, pause=False),
     ]
+
+
+_OVERHEAD_ROUNDS = 3  # times --rounds
+_HOOK_BLOCKS = 20  # alternating blocks of --steps hook calls per round; the fastest of each
 
 
 def _per_step(stamps: list[float], block: int) -> float:
@@ -835,25 +896,36 @@ def _per_step(stamps: list[float], block: int) -> float:
 
 def overhead_lines(r: dict[str, list[dict]]) -> list[Line]:
     lines = []
-    for key, base in (("k_none", None), ("k_ours", "k_none"), ("k_stock", "k_none"),
-                      ("t_none", None), ("t_ours", "t_none")):
+    for key, base in (("k_none", None), ("k_none2", "k_none"), ("k_ours", "k_none"),
+                      ("k_stock", "k_none"), ("k_hooks", "k_none"),
+                      ("t_none", None), ("t_ours", "t_none"), ("t_hooks", "t_none")):
         s = med(r, key)
         line = Line("overhead", _OVERHEAD_LABELS[key], seconds=s, rate=f"{s * 1e3:.3f} ms/step")
         if base is not None:
-            ratio = med(r, base) / s
-            line.ratio, line.ref = ratio, "x no callback"
-            if key.endswith("ours"):
-                line.target, line.met = ">= 0.99 (< 1%)", verdict(ratio, 0.99)
+            line.ratio, line.ref = med(r, base) / s, "x no callback"
+        if key.endswith("hooks"):
+            # A cost added to the step: the ratio is the step's over the step plus it.
+            step = med(r, base)
+            line.seconds, line.rate = None, f"{s * 1e6:.2f} us/step"
+            line.ratio = step / (step + s)
+            line.target, line.met = ">= 0.99 (< 1%)", verdict(line.ratio, 0.99)
+            line.note = f"{100 * s / step:.3f}% of the step"
+            if key == "k_hooks":
+                dispatch = "a thread" if r[key][0]["async"] else "the training thread"
+                line.note += f"; Keras calls batch ends on {dispatch}"
         lines.append(line)
     return lines
 
 
 _OVERHEAD_LABELS = {
     "k_none": "Keras fit step, no callback",
+    "k_none2": "  the same again (A/A: the noise of a fit ratio)",
     "k_ours": "Keras fit step + keras_ckpt.ModelCheckpoint",
     "k_stock": "Keras fit step + keras.callbacks.ModelCheckpoint",
+    "k_hooks": "  keras_ckpt's batch hooks via fit's CallbackList",
     "t_none": "torch step, bare loop",
     "t_ours": "torch step + shim on_train_batch_end",
+    "t_hooks": "  the shim's on_train_batch_end itself",
 }
 
 
@@ -1008,8 +1080,9 @@ def main(argv: list[str] | None = None) -> int:
             # Two groups: TF's threads spin for a while after a Keras step, which would slow
             # whichever torch row came right after a Keras one.
             rows = overhead_rows(env)
-            r = run_rounds(env, [x for x in rows if x.key.startswith("k_")], args.rounds)
-            r.update(run_rounds(env, [x for x in rows if x.key.startswith("t_")], args.rounds))
+            rounds = args.rounds * _OVERHEAD_ROUNDS  # short rows: more rounds to beat the noise
+            r = run_rounds(env, [x for x in rows if x.key.startswith("k_")], rounds)
+            r.update(run_rounds(env, [x for x in rows if x.key.startswith("t_")], rounds))
             lines += overhead_lines(r)
             done("overhead", since)
         if "disk" in sections:
@@ -1023,7 +1096,8 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(int(v.numpy().size) if hasattr(v, "numpy") else 0 for v in keras_m.weights)
         sizes = f"{n / 1e6:.1f}M params + Adam"
     print("\n".join(f"# {h}" for h in header))
-    print(f"# {sizes or 'model'}; {args.rounds} interleaved rounds after a warm-up round, medians; "
+    print(f"# {sizes or 'model'}; {args.rounds} interleaved rounds after a warm-up round "
+          f"(overhead: {args.rounds * _OVERHEAD_ROUNDS}), medians; "
           f"{args.pause:g} s idle before each timed save")
     print(f"# took {time.perf_counter() - started:.0f} s ({', '.join(took)}); load average at end "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -3,8 +3,9 @@
 Both front-ends write their archives through :class:`ZipWriter`; this module knows nothing of
 Keras or torch (it imports neither), only of zip. Members are stored (uncompressed). A member
 whose bytes are at hand carries its CRC-32 in its local header; a large member given as
-segments (a model's weights, a tensor's storage) is CRC'd on other threads from the same memory
-while the main thread writes it (``zlib.crc32`` releases the GIL), the parts joined with
+segments (a model's weights, a tensor's storage) is CRC'd piece by piece on another thread from
+the same memory while the main thread writes it (``zlib.crc32`` releases the GIL), the main
+thread taking the pieces still left once it has written them all, the parts joined with
 :func:`crc32_combine`, and the CRC goes in a data descriptor after the data. So nothing is ever
 seeked back over: the caller may hash the bytes as they stream, or write to a pipe.
 
@@ -34,8 +35,12 @@ ZIP64_LIMIT = (1 << 31) - 1
 
 _MAX_16 = 0xFFFF
 _MAX_32 = 0xFFFFFFFF
-_CRC_THREADS = 2  # measured on 2 cores: one CRC thread lags the writer, two keep up
-_CRC_ASIDE = 1 << 20  # a smaller member is CRC'd inline: starting threads would cost more
+# One CRC thread beside the writing thread: on 2 cores a second one only takes the writer's core
+# (zlib's CRC-32 runs at ~4 GB/s, the copy into the page cache at ~2 GB/s), and where the machine
+# is busy the writer, done writing, CRCs what is left itself.
+_CRC_THREADS = 1
+_CRC_PIECE = 8 << 20  # the unit of work: what the writer may wait for at the end is one piece
+_CRC_ASIDE = 1 << 20  # a smaller member is CRC'd inline: a hand-off would cost more
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 _CENTRAL_HEADER = struct.Struct("<4s4B4HL2L5H2L")
@@ -99,14 +104,19 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """
     if len2 <= 0:
         return crc1
+    return _multmodp(_shift(len2), crc1) ^ crc2
+
+
+def _shift(length: int) -> int:
+    """x^(8 * length) modulo the CRC polynomial: what appending ``length`` bytes multiplies by."""
     shift = 1 << 31  # x^0
-    n, k = len2, 3  # len2 bytes = len2 * 2^3 bits
+    n, k = length, 3  # length bytes = length * 2^3 bits
     while n:
         if n & 1:
             shift = _multmodp(_X2N[k & 31], shift)
         n >>= 1
         k += 1
-    return _multmodp(shift, crc1) ^ crc2
+    return shift
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -123,23 +133,6 @@ def _crc_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def _crc_aside(runs: list[list[memoryview]]) -> list[Future[int] | None]:
-    """Each run's CRC started on the pool; None for a run the caller must CRC itself.
-
-    At interpreter exit ``concurrent.futures`` refuses new work before the interpreter waits for
-    an ``async_save`` writer still in flight (``threading._shutdown`` runs its hooks first):
-    that save must still finish, on its own thread.
-    """
-    pool = _crc_pool()
-    crcs: list[Future[int] | None] = []
-    for run in runs:
-        try:
-            crcs.append(pool.submit(_crc_of, run))
-        except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
-            crcs.append(None)
-    return crcs
-
-
 def _forget_pool() -> None:
     global _pool, _pool_lock
     _pool, _pool_lock = None, threading.Lock()  # a forked child has the pool but not its threads
@@ -153,6 +146,65 @@ def _crc_of(segments: list[memoryview]) -> int:
     for segment in segments:
         crc = zlib.crc32(segment, crc)
     return crc
+
+
+class _PieceCrcs:
+    """The CRC-32 of a member given as segments, computed in pieces by whoever is free.
+
+    :meth:`work` takes the next piece not yet taken, until none is left: the CRC threads run it
+    from the start while the member is written, and :meth:`crc` runs it on the writing thread
+    once the member is written, then waits for the pieces still in the threads' hands.
+    """
+
+    def __init__(self, segments: list[memoryview]) -> None:
+        total = sum(len(s) for s in segments)
+        self._pieces = _split(segments, -(-total // _CRC_PIECE))
+        self._crcs = [0] * len(self._pieces)
+        self._next = 0
+        self._lock = threading.Lock()
+        pool = _crc_pool()
+        self._workers: list[Future[None]] = []
+        try:
+            for _ in range(_CRC_THREADS):
+                self._workers.append(pool.submit(self.work))
+        except RuntimeError:
+            # "cannot schedule new futures after interpreter shutdown": concurrent.futures refuses
+            # work before the interpreter waits for an async_save writer still in flight
+            # (threading._shutdown runs its hooks first). That save must still finish: crc()
+            # computes every piece on the writing thread.
+            pass
+
+    def work(self) -> None:
+        while True:
+            with self._lock:
+                index = self._next
+                if index >= len(self._pieces):
+                    return
+                self._next += 1
+            self._crcs[index] = _crc_of(self._pieces[index])
+
+    def crc(self) -> int:
+        """The member's CRC-32 (call once it is written)."""
+        self.work()
+        self._join()
+        crc, shifts = 0, {}
+        for piece, part in zip(self._pieces, self._crcs):
+            length = sum(len(s) for s in piece)
+            if length not in shifts:  # all pieces but the last have one length
+                shifts[length] = _shift(length)
+            crc = _multmodp(shifts[length], crc) ^ part
+        return crc
+
+    def abandon(self) -> None:
+        """Stop: the member is not written after all (returns once no thread reads it)."""
+        with self._lock:
+            self._next = len(self._pieces)
+        self._join()
+
+    def _join(self) -> None:
+        for worker in self._workers:
+            if not worker.cancel():  # still queued (another member's thread is busy): not needed
+                worker.result()
 
 
 def _split(segments: list[memoryview], parts: int) -> list[list[memoryview]]:
@@ -334,14 +386,14 @@ class ZipWriter:
             for segment in segments:
                 self._emit(segment)
         else:
-            runs = _split(segments, _CRC_THREADS)
-            crcs = _crc_aside(runs)
-            for segment in segments:
-                self._emit(segment)
-            crc = 0
-            for run, future in zip(runs, crcs):
-                part = _crc_of(run) if future is None else future.result()
-                crc = crc32_combine(crc, part, sum(len(s) for s in run))
+            pieces = _PieceCrcs(segments)
+            try:
+                for segment in segments:
+                    self._emit(segment)
+            except BaseException:
+                pieces.abandon()  # the threads read the segments: done before this raises
+                raise
+            crc = pieces.crc()
         if size > self._limit:
             self._emit(struct.pack("<4sLQQ", b"PK\x07\x08", crc, size, size))
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import inspect
 import json
 import os
@@ -314,7 +315,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                            arrays=arrays)
             if snapshot:
                 planned.snapshot(self._snapshots)
-            return Payload(lambda tx: planned.write(tx.open()), detached=snapshot)
+            return Payload(functools.partial(_write_planned, planned), detached=snapshot)
         # Keras's own writers read the live variables: written before the save returns.
         return Payload(lambda tx: self._write_with_keras(tx, path, blob, arrays), detached=False)
 
@@ -492,6 +493,14 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         finally:
             self.mode = saved
         return "max" if self.monitor_op is keras.ops.greater else "min"
+
+
+def _write_planned(planned: _kerasio.Planned, tx: Transaction) -> None:
+    out = tx.open()
+    # The plan's large segments view the variables (no training during a synchronous save) or
+    # its snapshot's buffers: unchanged until the write ends, so they may be hashed behind it.
+    with out.hashing_behind():
+        planned.write(out)
 
 
 def _global_rng() -> dict[str, Any]:

@@ -24,6 +24,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Callable, NamedTuple
 
 import numpy as np
@@ -178,7 +179,8 @@ class HashingWriter(io.RawIOBase):
     """A write-only file object that checksums bytes as they stream out.
 
     Writers that seek back and rewrite (zip headers, h5py) invalidate the running hash; the
-    writer then notes it and the file is hashed again after it is complete.
+    writer then notes it and the file is hashed again after it is complete. Inside
+    :meth:`hashing_behind` the hash runs on a helper thread, behind the writes.
     """
 
     def __init__(self, raw: IO[bytes]) -> None:
@@ -188,6 +190,8 @@ class HashingWriter(io.RawIOBase):
         self._pos = 0
         self._size = 0
         self.sequential = True
+        self._behind = False
+        self._last: Future[None] | None = None  # the newest hash update handed to the helper
 
     def writable(self) -> bool:
         return True
@@ -200,15 +204,57 @@ class HashingWriter(io.RawIOBase):
 
     def write(self, b) -> int:  # type: ignore[override]
         n = self._raw.write(b)
+        view = memoryview(b)
         if n is None:
-            n = len(b)
+            n = view.nbytes
         if self.sequential and self._pos == self._size:
-            self._hash.update(memoryview(b)[:n] if n != len(b) else b)
+            if n != view.nbytes:
+                view = view.cast("B")[:n]
+            if not self._behind:
+                self._hash.update(view)
+            elif view.nbytes >= _BEHIND_MIN_BYTES:
+                self._last = _hash_thread().submit(self._hash.update, view)
+            elif self._last is None or self._last.done():  # nothing queued: in order inline
+                self._hash.update(view)
+            else:  # after what is queued; a small buffer may be its writer's to reuse: copied
+                self._last = _hash_thread().submit(self._hash.update, bytes(view))
         else:
             self.sequential = False
         self._pos += n
         self._size = max(self._size, self._pos)
         return n
+
+    @contextlib.contextmanager
+    def hashing_behind(self) -> Iterator[None]:
+        """Hash what is written inside the block on a helper thread, while the writes go on.
+
+        The writing thread then spends its time on the copy into the page cache alone: the
+        xxh3-128 of a 600 MB checkpoint took it 20-70 ms of a 0.4-0.5 s save on the dev VM. The
+        helper hashes the large buffers themselves, in order, and the block's end waits for it
+        (also when the block raises), so **every buffer of 1 MiB or more written inside must
+        stay unchanged until the block ends**: a model's variables during a synchronous save, a
+        snapshot's buffers, immutable ``bytes``. Smaller ones are copied or hashed at once.
+
+        Example:
+
+        ```python
+        with writer.hashing_behind():
+            for segment in segments:  # views that nothing changes meanwhile
+                writer.write(segment)
+        writer.digest()
+        ```
+        """
+        self._behind = True
+        try:
+            yield
+        finally:
+            self._behind = False
+            self._settle()
+
+    def _settle(self) -> None:
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()  # one helper thread, in order: the newest done means all are
 
     def read(self, size: int = -1) -> bytes:  # h5py's fileobj driver reads what it wrote
         data = self._raw.read(size)
@@ -239,11 +285,39 @@ class HashingWriter(io.RawIOBase):
 
     def digest(self) -> str | None:
         """The checksum, or None when the writer did not write strictly sequentially."""
+        self._settle()
         return self._hash.hexdigest() if self.sequential and self._pos == self._size else None
 
     @property
     def size(self) -> int:
         return self._size
+
+
+_BEHIND_MIN_BYTES = 1 << 20  # smaller writes: a hand-off to the helper costs more than the hash
+_hash_pool: ThreadPoolExecutor | None = None
+_hash_pool_lock = threading.Lock()
+
+
+def _hash_thread() -> ThreadPoolExecutor:
+    """The one helper thread of :meth:`HashingWriter.hashing_behind`, started once per process.
+
+    One thread keeps a file's updates in order; xxh3 releases the GIL, so it runs beside the
+    writing thread's ``write`` calls.
+    """
+    global _hash_pool
+    with _hash_pool_lock:
+        if _hash_pool is None:
+            _hash_pool = ThreadPoolExecutor(1, thread_name_prefix="keras_ckpt-hash")
+        return _hash_pool
+
+
+def _forget_hash_thread() -> None:
+    global _hash_pool, _hash_pool_lock
+    _hash_pool, _hash_pool_lock = None, threading.Lock()  # a forked child lacks the thread
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_hash_thread)
 
 
 # A writer's identity in its temporary names: kernel boot, pid namespace, pid and the pid's

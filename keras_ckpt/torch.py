@@ -801,7 +801,7 @@ def _refused(value: Any, where: str) -> TypeError:
     )
 
 
-def _torch_save(obj: Any, f: IO[bytes], path: str) -> None:
+def _torch_save(obj: Any, f: storage.HashingWriter | IO[bytes], path: str) -> None:
     """``torch.save(obj, f)``'s format, written by :class:`_TorchZipWriter` (CRC-32s included).
 
     torch's own writer (``torch._C.PyTorchFileWriter``) either computes each record's CRC-32
@@ -817,8 +817,13 @@ def _torch_save(obj: Any, f: IO[bytes], path: str) -> None:
         if _compat.available(_compat.TORCH_SAVE):
             save = _compat.resolve(_compat.TORCH_SAVE)
             writer = _TorchZipWriter(out)
-            save(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
-            writer.finish()
+            # _save hands over the tensors' own storages (unchanged during the save: no step
+            # runs; a snapshot's copies) and bytes objects: safe to hash behind the writes.
+            # torch.save's writer below passes views of its own buffers: hashed at once.
+            behind = f.hashing_behind() if isinstance(f, storage.HashingWriter) else contextlib.nullcontext()
+            with behind:
+                save(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+                writer.finish()
         else:
             _public_save(obj, out)
         out.flush()

@@ -41,10 +41,13 @@ ROWS = [
     ("resume", "keras_ckpt.torch resume .pt (on_train_begin)", "x raw read .pt"),
     ("resume", "stock torch.load + load_state_dict .pt", "x raw read .pt"),
     ("overhead", "Keras fit step, no callback", None),
+    ("overhead", "  the same again (A/A: the noise of a fit ratio)", "x no callback"),
     ("overhead", "Keras fit step + keras_ckpt.ModelCheckpoint", "x no callback"),
     ("overhead", "Keras fit step + keras.callbacks.ModelCheckpoint", "x no callback"),
+    ("overhead", "  keras_ckpt's batch hooks via fit's CallbackList", "x no callback"),
     ("overhead", "torch step, bare loop", None),
     ("overhead", "torch step + shim on_train_batch_end", "x no callback"),
+    ("overhead", "  the shim's on_train_batch_end itself", "x no callback"),
     ("disk", "latest-1 + best-1 .keras, 5 epochs", "x one ckpt (size)"),
     ("disk", "latest-1 + best-1 .pt, 5 epochs", "x one ckpt (size)"),
 ]

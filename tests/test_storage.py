@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -88,6 +90,70 @@ def test_writer_that_seeks_back_still_gets_its_bytes(tmp_path):
     expected[4096 : 4096 + 16] = b"header rewritten"
     assert path.read_bytes() == bytes(expected) + b"tail"
     assert hashing.digest() is None  # the engine hashes such a file again after it is written
+
+
+def _write_mixed(out, reused: bytearray) -> bytes:
+    """Large views (a 2-D float array, bytes) and small pieces from a buffer the writer reuses
+    at once, as a buffered writer does; returns what the file must hold."""
+    weights = np.random.default_rng(0).standard_normal((1024, 1536), dtype=np.float32)  # 6 MiB
+    expected = []
+    for i in range(3):
+        reused[:] = bytes([i]) * len(reused)
+        out.write(reused)
+        expected.append(bytes(reused))
+        reused[:] = b"\xff" * len(reused)  # changed right after the write returned
+        out.write(memoryview(weights))
+        expected.append(weights.tobytes())
+        big = _payload(17 * MB + i).tobytes()
+        out.write(big)
+        expected.append(big)
+    return b"".join(expected)
+
+
+def test_hashing_behind_the_writes_gives_the_file_s_checksum(tmp_path):
+    path = tmp_path / "ck.bin"
+    with open(path, "w+b") as raw:
+        hashing = storage.HashingWriter(raw)
+        with hashing.hashing_behind():
+            expected = _write_mixed(storage.EarlyWriteback(hashing), bytearray(4096))
+        raw.flush()
+    assert path.read_bytes() == expected
+    assert hashing.size == len(expected)
+    assert (hashing.digest(), None) == storage.LocalStorage(str(tmp_path)).hash("ck.bin", len(expected))
+
+
+def test_hashing_behind_a_write_that_fails_raises_that_error(small_disk, tmp_path):
+    with open(small_disk / "ck.bin", "w+b", buffering=0) as raw:
+        hashing = storage.HashingWriter(raw)
+        with pytest.raises(OSError) as failed, hashing.hashing_behind():
+            for _ in range(8):  # 16 MiB into an 8 MB filesystem
+                hashing.write(_payload(2 * MB))
+    assert failed.value.errno == errno.ENOSPC
+    test_hashing_behind_the_writes_gives_the_file_s_checksum(tmp_path)  # the helper still serves
+
+
+def test_hashing_behind_works_in_a_forked_child(tmp_path):
+    with open(tmp_path / "warm.bin", "w+b") as raw:  # the parent's helper thread exists
+        hashing = storage.HashingWriter(raw)
+        with hashing.hashing_behind():
+            hashing.write(_payload(2 * MB))
+    pid = os.fork()
+    if pid == 0:  # the child has the parent's pool object but not its thread
+        status = 1
+        try:
+            signal.alarm(60)  # a hung helper must fail the test, not hang it
+            path = tmp_path / "child.bin"
+            with open(path, "w+b") as raw:
+                hashing = storage.HashingWriter(raw)
+                with hashing.hashing_behind():
+                    data = _write_mixed(hashing, bytearray(100))
+                raw.flush()
+            store = storage.LocalStorage(str(tmp_path))
+            status = 0 if store.hash("child.bin", len(data)) == (hashing.digest(), None) else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 @pytest.mark.skipif(

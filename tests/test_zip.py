@@ -6,6 +6,7 @@ a second, independent reader): the members, their bytes, their CRC-32s.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
@@ -113,6 +114,26 @@ def test_streamed_members_are_crc_d_beside_the_write(tmp_path) -> None:
     assert all(info.flag_bits & 0x08 for info in infos[1:])  # data descriptors
     for info in infos:  # no timestamp, no creator attributes asked for
         assert info.date_time == (1980, 0, 0, 0, 0, 0) and info.external_attr == 0
+
+
+def test_a_member_of_many_pieces_gets_the_crc_of_all_its_bytes(tmp_path) -> None:
+    rng = random.Random(2)
+    # 8 MiB pieces cut across segments of odd sizes; the last piece is shorter.
+    big = [rng.randbytes(n) for n in (7 << 20, 3, (9 << 20) + 17, 0, 5 << 20)]
+    members = [("model.weights.h5", big), ("after", b"tail")]
+    path = str(tmp_path / "pieces.zip")
+    write(path, members)
+    read_back(path, members)
+
+
+def test_a_member_that_cannot_be_written_raises_its_error(small_disk) -> None:
+    with open(small_disk / "full.zip", "wb", buffering=0) as f, pytest.raises(OSError) as failed:
+        archive = _zip.ZipWriter(storage.EarlyWriteback(f))
+        archive.add_streamed("weights", [memoryview(random.Random(3).randbytes(12 << 20))])
+    assert failed.value.errno == errno.ENOSPC
+    members = [("after", [random.Random(4).randbytes(20 << 20)])]  # the CRC thread still serves
+    write(str(small_disk.parent / "after.zip"), members)
+    read_back(str(small_disk.parent / "after.zip"), members)
 
 
 def test_torch_style_options_set_the_utf8_flag_everywhere_and_no_attributes(tmp_path) -> None:
