@@ -213,16 +213,27 @@ class HashingWriter(io.RawIOBase):
             if not self._behind:
                 self._hash.update(view)
             elif view.nbytes >= _BEHIND_MIN_BYTES:
-                self._last = _hash_thread().submit(self._hash.update, view)
+                self._hash_behind(view)
             elif self._last is None or self._last.done():  # nothing queued: in order inline
                 self._hash.update(view)
             else:  # after what is queued; a small buffer may be its writer's to reuse: copied
-                self._last = _hash_thread().submit(self._hash.update, bytes(view))
+                self._hash_behind(bytes(view))
         else:
             self.sequential = False
         self._pos += n
         self._size = max(self._size, self._pos)
         return n
+
+    def _hash_behind(self, data) -> None:
+        try:
+            self._last = _hash_thread().submit(self._hash.update, data)
+        except RuntimeError:
+            # "cannot schedule new futures after interpreter shutdown": concurrent.futures refuses
+            # work before the interpreter waits for an async_save writer still in flight. That
+            # save must still finish: hashed here, after what is already queued.
+            if self._last is not None:
+                self._last.result()
+            self._hash.update(data)
 
     @contextlib.contextmanager
     def hashing_behind(self) -> Iterator[None]:
