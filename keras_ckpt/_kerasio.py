@@ -13,7 +13,7 @@ and streamed once:
 2. The file is then written in one sequential pass: metadata gaps from the image, dataset bytes
    straight from the variables' own buffers (zero-copy views where the backend allows). For
    ``.keras`` the zip member's CRC-32 is computed at the same time from those same buffers, on
-   two threads, by :class:`keras_ckpt._zip.ZipWriter` (the zip writer the torch front-end shares);
+   another thread, by :class:`keras_ckpt._zip.ZipWriter` (the zip writer the torch front-end shares);
    the CRC goes into a data descriptor after the member, so nothing is ever seeked back over. A
    strictly sequential writer lets the caller hash the bytes as they stream, or write to a
    non-seekable target.

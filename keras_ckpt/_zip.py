@@ -364,7 +364,7 @@ class ZipWriter:
     def add_streamed(
         self, name: str, segments: list[memoryview], *, align: int | None = None
     ) -> None:
-        """Add a member given as byte segments, CRC'd on other threads while it is written.
+        """Add a member given as byte segments, CRC'd on another thread while it is written.
 
         The CRC is known only at the end, so it goes in a data descriptor after the data
         instead of being patched into the local header: no seek back.

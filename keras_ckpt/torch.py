@@ -868,7 +868,7 @@ class _TorchZipWriter:
     stored, each one's data aligned as its ``.storage_alignment`` record says (torch pads the
     local header's extra field with an ``FB`` block, as here; ``torch.load(mmap=True)`` maps
     storages in place). The zip structures are :class:`keras_ckpt._zip.ZipWriter`'s, with
-    torch's header fields: a large record's CRC-32 is computed on other threads from the same
+    torch's header fields: a large record's CRC-32 is computed on another thread from the same
     memory while the main thread writes it, and goes in a data descriptor after the data, so
     nothing is seeked back over and the engine hashes the bytes as they stream. The result is
     a valid zip archive (``zipfile``'s ``testzip`` passes).
