@@ -19,7 +19,7 @@ JAX_PINS = "jax[cpu]==0.10.2" "keras>=3.15,<3.16" "h5py<3.15"
 PYTEST_WORKERS ?= 2
 KERAS_TESTS = tests/test_keras.py tests/test_kerasio.py tests/test_keras_peer.py \
 	tests/test_compat_keras.py tests/test_keras_crash.py tests/test_callbacks_state.py \
-	tests/test_fastforward.py tests/test_restore.py
+	tests/test_fastforward.py tests/test_restore.py tests/test_async_save.py
 
 .PHONY: demo test test-main test-estimator test-jax lint bench clean
 

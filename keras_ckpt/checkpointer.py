@@ -29,7 +29,7 @@ from keras_ckpt.policy import (
     undecidable_mode,
 )
 from keras_ckpt.preemption import PreemptionGuard
-from keras_ckpt.storage import StreamedRead
+from keras_ckpt.storage import HeldFile, StreamedRead
 
 STATE_FORMAT = 1
 T = TypeVar("T")
@@ -95,7 +95,8 @@ class Checkpointer:
             initial_best=config.initial_value_threshold,
         )
         self.restored_path: str | None = None
-        self._import: tuple[str, Record | None] | None = None
+        # resume=<another directory>: (the file, its record, the file held open since it verified)
+        self._import: tuple[str, Record | None, HeldFile | None] | None = None
         self._verify_on_load: Record | None = None  # what load() checksums as it reads
         self._renamed_warned = False
         self._began = False
@@ -167,7 +168,7 @@ class Checkpointer:
         self._last_save = time.monotonic()
         self._last_batch_seen = None
         self._batches_since_save = 0
-        self._import = None
+        self._release_import()
         self._verify_on_load = None
         first_begin, self._began = not self._began, True
         if self.resume is False:
@@ -191,14 +192,22 @@ class Checkpointer:
         own = self.engine.latest_valid() if self.engine.records else None
         if os.path.realpath(os.fspath(self.resume)) == os.path.realpath(self.engine.directory):
             return self.engine.path_of(own) if own else None
-        path, record = locate(os.fspath(self.resume), series=self.engine.series)
+        path, record, held = locate(os.fspath(self.resume), series=self.engine.series)
         if own is not None and (record is None or own.step >= record.step):
             # A restarted job of a chain: its own output went on past what it was seeded with.
+            if held is not None:
+                held.close()
             self._say(f"resume={self.resume!r}: continuing from this directory's newer "
                       f"checkpoint {own.name} (step {own.step}) instead")
             return self.engine.path_of(own)
-        self._import = (path, record)
+        self._import = (path, record, held)
         return path
+
+    def _release_import(self) -> None:
+        held = self._import[2] if self._import is not None else None
+        self._import = None
+        if held is not None:
+            held.close()
 
     def load(self, path: str, load_file: Callable[[str, StreamedRead | None], T]) -> tuple[str, T]:
         """Load the checkpoint :meth:`begin` returned: ``load_file(path, stream)``.
@@ -206,10 +215,20 @@ class Checkpointer:
         With ``resume=True`` the file's checksum is verified as it loads, from the ``stream``
         ``load_file`` reads it through, and a corrupt one is replaced by the previous good
         checkpoint (:meth:`keras_ckpt.engine.Engine.restore_newest`); returns the path loaded and
-        what ``load_file`` returned. Otherwise (``resume=<path>``, verified when it was located)
-        ``stream`` is None.
+        what ``load_file`` returned. With ``resume=<path>`` the file was verified when it was
+        located and is read from the descriptor held since, through ``stream``; otherwise (this
+        directory's own newer checkpoint, a bare file) ``stream`` is None.
         """
         start, self._verify_on_load = self._verify_on_load, None
+        held = self._import[2] if self._import is not None and self._import[0] == path else None
+        if held is not None:
+            with held.stream() as stream:
+                loaded = load_file(path, stream)
+                problem = stream.finish()
+            if problem is not None:
+                raise ValueError(f"resume={self.resume!r}: {path} changed after it was verified, "
+                                 f"while it was loaded ({problem})")
+            return path, loaded
         if start is None or self.engine.path_of(start) != path:
             return path, load_file(path, None)
         record, loaded = self.engine.restore_newest(start, load_file)
@@ -223,6 +242,7 @@ class Checkpointer:
         try:
             self._writer.wait()
         finally:
+            self._release_import()
             self.preemption.restore()
             self.engine.close()
 
@@ -293,19 +313,22 @@ class Checkpointer:
 
     def _import_restored(self, state: Mapping[str, Any]) -> None:
         """Copy the checkpoint restored from another directory into this series (job chains)."""
-        source, record = self._import  # type: ignore[misc]
-        self._import = None
-        metrics = dict(record.metrics) if record is not None else {}
-        batch = state.get("batch")
-        epoch = max(self.epochs_done - (1 if batch is None else 0), 0)
-        dest = os.path.join(self.engine.directory, os.path.basename(
-            self.render(epoch, batch, LogValues(metrics))
-        ))
-        if os.path.splitext(dest)[1] != os.path.splitext(source)[1]:
-            return  # another format than this series writes: nothing to carry over
-        copied = self.engine.import_checkpoint(
-            source, record, dest, epoch=self.epochs_done, step=self.step, metrics=metrics
-        )
+        source, record, held = self._import  # type: ignore[misc]
+        try:
+            metrics = dict(record.metrics) if record is not None else {}
+            batch = state.get("batch")
+            epoch = max(self.epochs_done - (1 if batch is None else 0), 0)
+            dest = os.path.join(self.engine.directory, os.path.basename(
+                self.render(epoch, batch, LogValues(metrics))
+            ))
+            if os.path.splitext(dest)[1] != os.path.splitext(source)[1]:
+                return  # another format than this series writes: nothing to carry over
+            copied = self.engine.import_checkpoint(
+                source, record, dest, epoch=self.epochs_done, step=self.step, metrics=metrics,
+                held=held,
+            )
+        finally:
+            self._release_import()
         self._say(f"Copied {source} into this run's output as {copied.name}")
 
     def mark_epoch_begin(self, framework_rng: Mapping[str, Any] | None = None) -> None:

@@ -108,7 +108,7 @@ def check_resume_path(resume: str) -> None:
         raise ValueError(f"resume must name a regular file or a directory. Received: resume={resume!r}")
 
 
-def _check_bool(name: str, value: Any) -> bool:
+def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool) and value not in (0, 1):
         raise TypeError(f"{name} must be True or False. Received: {name}={value!r}")
     return bool(value)
@@ -163,7 +163,7 @@ class CheckpointConfig:
         verbose = self.verbose
         if isinstance(verbose, bool) or not isinstance(verbose, int) or verbose < 0:
             raise TypeError(f"verbose must be an integer >= 0 (0, 1 or 2). Received: verbose={verbose!r}")
-        set_(self, "save_best_only", _check_bool("save_best_only", self.save_best_only))
+        set_(self, "save_best_only", check_bool("save_best_only", self.save_best_only))
         if self.mode not in ("auto", "min", "max"):
             warnings.warn(f"{self.owner} mode '{self.mode}' is unknown, fallback to auto mode.",
                           stacklevel=4)
@@ -205,7 +205,7 @@ class CheckpointConfig:
             set_(self, "resume", os.fspath(resume))
             check_resume_path(self.resume)  # type: ignore[arg-type]
         set_(self, "preemption_signals", signals_from(self.save_on_preemption))
-        set_(self, "async_save", _check_bool("async_save", self.async_save))
+        set_(self, "async_save", check_bool("async_save", self.async_save))
         self._derive()
 
     def _derive(self) -> None:

@@ -622,20 +622,23 @@ class Engine:
 
     def import_checkpoint(
         self, source: str, record: Record | None, dest: str, *, epoch: int, step: int,
-        metrics: Mapping[str, Any] | None,
+        metrics: Mapping[str, Any] | None, held: storage.HeldFile | None = None,
     ) -> Record:
         """Copy another directory's checkpoint (``resume=<path>``) into this series, verified.
 
         The bytes are hashed as they are copied and must match the source's manifest entry, so
-        the output of every job holds the checkpoint it continued from.
+        the output of every job holds the checkpoint it continued from. ``held``: the file as
+        :func:`locate` verified and held it (read from there even if its writer removed it).
         """
         src = storage.LocalStorage(os.path.dirname(source))
         name = os.path.basename(source)
         expected = next((f for f in record.files if f.path == name), None) if record else None
+        want = held.digest if held is not None else expected.xxh3_128 if expected else None
         with self.transaction(dest, epoch=epoch, step=step, metrics=metrics) as tx:
             out = tx.open()
-            digest = src.copy_to(name, out, None if expected is None else expected.bytes)
-            if expected is not None and digest != expected.xxh3_128:
+            digest = held.copy_to(out) if held is not None else src.copy_to(
+                name, out, None if expected is None else expected.bytes)
+            if want is not None and digest != want:
                 raise ValueError(f"{source} changed while it was copied (checksum mismatch)")
         return tx.record  # type: ignore[return-value]
 
@@ -842,33 +845,75 @@ def in_flight(m: Manifest) -> dict[str, FileEntry]:
     return {} if m.intent is None else {f.path: f for f in m.intent.record.files}
 
 
-def locate(path: str, series: str | None = None, argname: str = "resume") -> tuple[str, Record | None]:
+# A directory whose writer still runs may rotate the newest file away between a read of its
+# manifest and the open of that file: so many fresh reads of the manifest before settling.
+_LOCATE_TRIES = 5
+
+
+def locate(
+    path: str, series: str | None = None, argname: str = "resume"
+) -> tuple[str, Record | None, storage.HeldFile | None]:
     """Resolve a ``resume=<path>``: a checkpoint file, or a directory holding a manifest.
 
-    Returns the main file to load and its record (None for a bare file that no manifest lists).
-    In a directory, the series named ``series`` is used, else its only series; several
-    candidates are refused. The newest in commit order that verifies is chosen. Reads only.
+    Returns the main file to load, its record (None for a bare file that no manifest lists),
+    and that file held open from the moment it verified (None for a bare file or a record of
+    several files): load and copy it through the :class:`~keras_ckpt.storage.HeldFile`, then
+    close it. In a directory, the series named ``series`` is used, else its only series;
+    several candidates are refused. The newest in commit order that verifies is chosen. Reads
+    only: another process may be writing that directory meanwhile.
     """
     path = os.path.abspath(os.fspath(path))
     kind = storage.path_kind(path)
     if kind == "dir":
-        m = mf.load(path)
-        records = choose_series(m, series, path, argname)
-        record = newest_valid(path, records, incoming=in_flight(m))
+        store = storage.LocalStorage(path)
+        for attempt in range(_LOCATE_TRIES):
+            m = mf.load(path)
+            record, held, skipped = _hold_newest(store, choose_series(m, series, path, argname),
+                                                 in_flight(m))
+            if not skipped or attempt == _LOCATE_TRIES - 1 or mf.load(path) == m:
+                break
+            if held is not None:  # the writer moved on meanwhile: take its newer checkpoint
+                held.close()
+        for bad, problem in skipped:
+            _warn_skipped(store, bad, problem)
         if record is None:
             raise ValueError(f"{argname}={path!r}: no checkpoint there passes its checksum")
-        return os.path.join(path, record.path), record
+        return os.path.join(path, record.path), record, held
     if kind == "missing":
         raise ValueError(f"{argname} must be an existing checkpoint file or directory. Received: "
                          f"{argname}={path!r}")
     directory, base = os.path.split(path)
     m = mf.load(directory) if mf.exists(directory) else Manifest()
     record = next((r for r in m.checkpoints if any(f.path == base for f in r.files)), None)
-    if record is not None:
-        problem = verify(directory, record, in_flight(m))
-        if problem is not None:
-            raise ValueError(f"{argname}={path!r} is corrupt: {problem}")
-    return path, record
+    if record is None:
+        return path, None, None
+    record, held, skipped = _hold_newest(storage.LocalStorage(directory), [record], in_flight(m))
+    if skipped:
+        raise ValueError(f"{argname}={path!r} is corrupt: {skipped[0][1]}")
+    return path, record, held
+
+
+def _hold_newest(
+    store: storage.LocalStorage, records: Sequence[Record], incoming: Mapping[str, FileEntry],
+) -> tuple[Record | None, storage.HeldFile | None, list[tuple[Record, str | None]]]:
+    """The newest of ``records`` that verifies, its file held open where it has one file; and
+    the newer ones skipped, with why."""
+    skipped: list[tuple[Record, str | None]] = []
+    for record in sorted(records, key=lambda r: r.seq, reverse=True):
+        if len(record.files) != 1:
+            problem = verify(store, record, incoming)
+            if problem is None:
+                return record, None, skipped
+        else:
+            entry = record.files[0]
+            held, problem = store.hold(entry.path, entry.bytes, [entry.xxh3_128])
+            alt = incoming.get(entry.path)
+            if held is None and alt is not None:  # the version a commit in flight brings in
+                held = store.hold(entry.path, alt.bytes, [alt.xxh3_128])[0]
+            if held is not None:
+                return record, held, skipped
+        skipped.append((record, problem))
+    return None, None, skipped
 
 
 def choose_series(m: Manifest, series: str | None, where: str, argname: str = "resume") -> list[Record]:

@@ -54,17 +54,40 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _chunks(f: IO[bytes], limit: int | None = None) -> Iterator[memoryview]:
-    """The bytes of raw file ``f`` in one reused buffer of up to 16 MiB (at most ``limit`` bytes)."""
+def _pieces(fd: int, limit: int | None = None) -> Iterator[memoryview]:
+    """The bytes of regular file ``fd`` from offset 0 (at most ``limit``) in one reused buffer of
+    up to 16 MiB. Read with ``pread``: the descriptor's position is left alone, so one
+    descriptor serves several readers in turn (:class:`HeldFile`)."""
     buf = memoryview(bytearray(_CHUNK if limit is None else min(_CHUNK, max(limit, 1))))
-    left = limit
-    while left is None or left > 0:
-        n = f.readinto(buf if left is None else buf[: min(len(buf), left)])  # type: ignore[attr-defined]
+    at = 0
+    while limit is None or at < limit:
+        n = os.preadv(fd, [buf if limit is None else buf[: min(len(buf), limit - at)]], at)
         if not n:
             return
         yield buf[:n]
-        if left is not None:
-            left -= n
+        at += n
+
+
+def _digest(fd: int, name: str, size: int) -> tuple[str | None, str | None]:
+    """(xxh3-128 of the first ``size`` bytes of ``fd``, None), or (None, why not): shorter."""
+    h = xxhash.xxh3_128()
+    read = 0
+    for piece in _pieces(fd, size):
+        h.update(piece)
+        read += len(piece)
+    if read != size:
+        return None, f"{name} is shorter than the manifest says (truncated while read)"
+    return h.hexdigest(), None
+
+
+def copy_descriptor(fd: int, out: IO[bytes]) -> str:
+    """Copy all of regular file ``fd`` into ``out``; returns the xxh3-128 of what was copied."""
+    h = xxhash.xxh3_128()
+    writer = EarlyWriteback(out)
+    for piece in _pieces(fd):
+        h.update(piece)
+        writer.write(piece)
+    return h.hexdigest()
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -1041,6 +1064,39 @@ class StreamedFile(io.RawIOBase):
         return n
 
 
+class HeldFile:
+    """A checkpoint file of another directory, kept open from the moment its checksum matched.
+
+    That directory's writer may go on saving and rotate the file away meanwhile: the descriptor
+    still reads the bytes that were verified, so loading and copying them (``resume=<dir>``
+    while the job that writes there still runs) see the one file that was checked, never a
+    missing or a newer one. Our writers never change a committed file in place.
+
+    Args:
+        fd: an open descriptor of the verified regular file (this object closes it).
+        path: its path, for messages.
+        size: its size.
+        digest: its xxh3-128, as verified.
+    """
+
+    def __init__(self, fd: int, path: str, size: int, digest: str) -> None:
+        self.fd, self.path, self.size, self.digest = fd, path, size, digest
+
+    def stream(self) -> StreamedRead:
+        """A :class:`StreamedRead` of the held file (on a descriptor of its own), for a loader."""
+        return StreamedRead(os.dup(self.fd), os.path.basename(self.path), self.size, self.digest)
+
+    def copy_to(self, out: IO[bytes]) -> str:
+        """Copy the held file into ``out``; returns the xxh3-128 of what was copied."""
+        return copy_descriptor(self.fd, out)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
 class FileState(NamedTuple):
     kind: str  # "file", "missing" or "other" (a directory, FIFO, device, symlink)
     size: int
@@ -1180,15 +1236,28 @@ class LocalStorage:
         fd, problem = self._open_checked(name, expected_size)
         if fd is None:
             return None, problem
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            h = xxhash.xxh3_128()
-            read = 0
-            for piece in _chunks(f, expected_size):
-                h.update(piece)
-                read += len(piece)
-            if read != expected_size:
-                return None, f"{name} is shorter than the manifest says (truncated while read)"
-        return h.hexdigest(), None
+        try:
+            return _digest(fd, name, expected_size)
+        finally:
+            os.close(fd)
+
+    def hold(
+        self, name: str, expected_size: int, digests: Iterable[str]
+    ) -> tuple[HeldFile | None, str | None]:
+        """(``name`` held open, None) if it is a regular file of ``expected_size`` bytes whose
+        xxh3-128 is one of ``digests``; else (None, why not). See :class:`HeldFile`."""
+        fd, problem = self._open_checked(name, expected_size)
+        if fd is None:
+            return None, problem
+        try:
+            digest, problem = _digest(fd, name, expected_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        if digest is None or digest not in set(digests):
+            os.close(fd)
+            return None, problem or f"{name} does not match its checksum"
+        return HeldFile(fd, self.path(name), expected_size, digest), None
 
     def copy_to(self, name: str, out: IO[bytes], expected_size: int | None) -> str:
         """Stream ``name`` into ``out``; returns the xxh3-128 of what was copied.
@@ -1197,17 +1266,17 @@ class LocalStorage:
         """
         path = self.path(name)
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
-        h = xxhash.xxh3_128()
-        st = os.fstat(fd)
-        if not stat_mod.S_ISREG(st.st_mode) or (expected_size is not None and st.st_size != expected_size):
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode) or (
+                expected_size is not None and st.st_size != expected_size
+            ):
+                raise ValueError(
+                    f"{path} is not a regular file of the {expected_size} bytes its manifest says"
+                )
+            return copy_descriptor(fd, out)
+        finally:
             os.close(fd)
-            raise ValueError(f"{path} is not a regular file of the {expected_size} bytes its manifest says")
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            writer = EarlyWriteback(out)
-            for piece in _chunks(f):
-                h.update(piece)
-                writer.write(piece)
-        return h.hexdigest()
 
     # -- writing ------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from keras_ckpt._tfcommon import (
     warn_if_unscored,
 )
 from keras_ckpt.checkpointer import scalar_logs
+from keras_ckpt.config import check_bool
 from keras_ckpt.policy import EVERY_N_HOURS, validate_count, validate_positive_number
 
 _FOREIGN_HINT = (
@@ -145,10 +146,7 @@ class CheckpointManager(SeriesAttributes):
         mode: str = "auto",
         async_save: bool = False,
     ) -> None:
-        if not isinstance(async_save, bool) and async_save not in (0, 1):
-            raise ValueError(
-                f"async_save must be True or False. Received: async_save={async_save!r}"
-            )
+        async_save = check_bool("async_save", async_save)
         validate_positive_number("keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours)
         validate_count("checkpoint_interval", checkpoint_interval, minimum=1)
         if checkpoint_interval is not None and step_counter is None:

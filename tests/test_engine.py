@@ -139,9 +139,9 @@ def test_locate_reads_another_directory_without_writing(tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
     os.chmod(src, 0o555)
     try:
-        path, record = locate(str(src))
+        path, record, _ = locate(str(src))
         assert os.path.basename(path) == "ck-003.bin" and record.epoch == 3
-        path, record = locate(str(src / "ck-002.bin"))
+        path, record, _ = locate(str(src / "ck-002.bin"))
         assert record.name == "ck-002" and verify(str(src), record) is None
     finally:
         os.chmod(src, 0o755)

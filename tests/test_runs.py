@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 import types
 
 import pytest
 
-from keras_ckpt import cli
+from keras_ckpt import cli, storage
 from keras_ckpt import engine as engine_mod
 from keras_ckpt import manifest as mf
 from keras_ckpt.checkpointer import Checkpointer as _Checkpointer
@@ -248,3 +250,75 @@ def test_the_umask_decides_the_mode_of_everything_written(tmp_path):
         os.umask(old)
     assert (tmp_path / "ck-1.bin").stat().st_mode & 0o777 == 0o640
     assert time.time() > 0
+
+
+def _read_all(path, stream):
+    return storage.StreamedFile(stream).read() if stream is not None else open(path, "rb").read()
+
+
+def test_resume_from_a_directory_whose_writer_rotates_the_file_away_meanwhile(tmp_path):
+    """The checkpoint verified at begin() is the one loaded and copied, even once gone."""
+    src = tmp_path / "job1"
+    train(Checkpointer(str(src / "ck-{epoch}.bin"), framework="t"), [0.3, 0.2])
+    verified = (src / "ck-2.bin").read_bytes()
+    ck = Checkpointer(str(tmp_path / "job2" / "ck-{epoch}.bin"), framework="t", resume=str(src))
+    path = ck.begin()
+    os.remove(src / "ck-2.bin")  # job 1, still running, rotated it away
+    assert ck.load(path, _read_all) == (path, verified)
+    ck.restored(path, {"epoch": 2, "step": 2})
+    ck.end()
+    assert (tmp_path / "job2" / "ck-2.bin").read_bytes() == verified
+    assert engine_mod.verify(str(tmp_path / "job2"), mf.load(str(tmp_path / "job2")).checkpoints[-1]) is None
+
+
+_LIVE_WRITER = """
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+from keras_ckpt.checkpointer import Checkpointer, Payload
+from keras_ckpt.config import CheckpointConfig
+ck = Checkpointer(CheckpointConfig(os.path.join(sys.argv[1], "ck-{epoch}.bin"), max_to_keep=1),
+                  framework="t")
+ck.begin()
+epoch = 0
+while not os.path.exists(sys.argv[1] + ".stop"):
+    blob = os.urandom(1 << 20)
+    def capture(path, state, snapshot, blob=blob):
+        def write(tx):
+            with tx.open() as f:
+                f.write(blob)
+        return Payload(write, detached=True)
+    ck.on_epoch_begin(epoch)
+    ck.step += 1
+    ck.epoch_due(epoch)
+    ck.save(epoch, None, {"val_loss": 1.0}, capture)
+    epoch += 1
+    if epoch == 1:
+        print("SAVING", flush=True)
+ck.end()
+"""
+
+
+def test_resume_from_a_directory_another_job_keeps_saving_into(tmp_path):
+    """A second job seeded from a running job's output (save every step, keep 1): every start
+    loads and copies a checkpoint that verifies; none fails on a file rotated away meanwhile."""
+    src = tmp_path / "job1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    writer = subprocess.Popen([sys.executable, "-c", _LIVE_WRITER, str(src), root],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "SAVING"
+        for i in range(20):
+            out = tmp_path / f"job2-{i}"
+            ck = Checkpointer(str(out / "ck-{epoch}.bin"), framework="t", resume=str(src))
+            path = ck.begin()
+            time.sleep(0.05)  # a framework's work before it reads (Keras builds the optimizer)
+            _, data = ck.load(path, _read_all)
+            ck.restored(path, {"epoch": 1, "step": 1})
+            ck.end()
+            (copied,) = mf.load(str(out)).checkpoints
+            assert (out / copied.path).read_bytes() == data and len(data) == 1 << 20
+            assert engine_mod.verify(str(out), copied) is None
+    finally:
+        (tmp_path / "job1.stop").write_text("")
+        assert writer.wait(timeout=60) == 0
+        writer.stdout.close()

@@ -73,7 +73,7 @@ def assert_all_equal(got: list[np.ndarray], expected: list[np.ndarray]) -> None:
 
 @pytest.mark.parametrize("value", ["yes", 2, None])
 def test_async_save_must_be_a_bool(tmp_path, value):
-    with pytest.raises(ValueError, match=f"Received: async_save={value!r}"):
+    with pytest.raises(TypeError, match=f"Received: async_save={value!r}"):
         CheckpointManager(TFLoop().checkpoint(), tmp_path, max_to_keep=1, async_save=value)
     assert not os.path.exists(tmp_path / "checkpoints.json")
 
