@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -83,7 +84,8 @@ class CheckpointManager(SeriesAttributes):
     naming the checkpoint); a ``save`` that ``checkpoint_interval`` skips raises such an error
     only if the write is already over, without waiting. ``checkpoints``, ``latest_checkpoint``,
     ``records``, TF's ``checkpoint`` state file and rotation only ever show committed
-    checkpoints. Interpreter exit waits for the save in flight. This is keras_ckpt's own
+    checkpoints. Interpreter exit waits for the save in flight. Several threads may share a
+    manager: its calls run one at a time. This is keras_ckpt's own
     writer, not TF's ``CheckpointOptions(experimental_enable_async_checkpoint=True)``, which
     fails on the second save of a Keras 3 model and writes another ``save_counter`` than the
     checkpoint's (see ``keras_ckpt/_tfsnapshot.py``).
@@ -184,6 +186,9 @@ class CheckpointManager(SeriesAttributes):
         # The one save in flight (keras_ckpt._async says who owns what meanwhile). It sets
         # _latest once its checkpoint is committed: a reference, read here in one step.
         self._writer = BackgroundWriter()
+        # One save (or restore, sync, close) at a time, whichever thread calls: the snapshot
+        # buffers, the writer's one slot and TF's lazily created save_counter are not shared safely.
+        self._lock = threading.Lock()
         # TF keeps it only with checkpoint_interval; so do we (it is what the interval counts from).
         self._last_checkpoint_step = last_checkpoint_step if checkpoint_interval is not None else None
         created = time.time()
@@ -298,6 +303,16 @@ class CheckpointManager(SeriesAttributes):
             The new checkpoint's prefix (with ``async_save``: the prefix it has once committed;
             ``sync()`` waits for that), or None when ``checkpoint_interval`` skipped the save.
         """
+        with self._lock:
+            return self._save(checkpoint_number, check_interval, options, metrics)
+
+    def _save(
+        self,
+        checkpoint_number: int | tf.Variable | None,
+        check_interval: bool,
+        options: tf.train.CheckpointOptions | None,
+        metrics: Mapping[str, Any] | None,
+    ) -> str | None:
         if not tf.executing_eagerly():
             raise RuntimeError(
                 "keras_ckpt.tf.CheckpointManager saves in eager mode; in graph mode use "
@@ -370,22 +385,24 @@ class CheckpointManager(SeriesAttributes):
         Returns:
             The restored prefix, or None.
         """
-        self._writer.wait()
-        path = self.latest_checkpoint
-        if path is None:
-            if self._init_fn is not None:
-                self._init_fn()
-            return None
-        self._checkpoint.restore(path)
-        if self._checkpoint_interval is not None:
-            self._last_checkpoint_step = _as_int(self._step_counter)
-        return path
+        with self._lock:
+            self._writer.wait()
+            path = self.latest_checkpoint
+            if path is None:
+                if self._init_fn is not None:
+                    self._init_fn()
+                return None
+            self._checkpoint.restore(path)
+            if self._checkpoint_interval is not None:
+                self._last_checkpoint_step = _as_int(self._step_counter)
+            return path
 
     def sync(self) -> None:
         """Wait for the save in flight (``async_save``) and raise its error if it failed; then
         for TF's own outstanding checkpoint operations."""
-        self._writer.wait()
-        self._checkpoint.sync()
+        with self._lock:
+            self._writer.wait()
+            self._checkpoint.sync()
 
     def close(self) -> None:
         """Wait for the save in flight, then let other processes write the directory.
@@ -393,8 +410,9 @@ class CheckpointManager(SeriesAttributes):
         The save's error, if it failed, is raised once the directory is released. A later
         ``save`` takes the directory again.
         """
-        try:
-            self._writer.wait()
-        finally:
-            self._series.engine.close()
-            self._closed = True
+        with self._lock:
+            try:
+                self._writer.wait()
+            finally:
+                self._series.engine.close()
+                self._closed = True

@@ -340,3 +340,36 @@ def test_exit_and_close_wait_for_the_save_in_flight(tmp_path, job):
         assert seen["CLOSED"]["committed"] == ["ckpt-1", "ckpt-2"]
     assert committed_on_disk(tmp_path) == ["ckpt-1", "ckpt-2"] and not temporaries(tmp_path)
     assert state_file_names(tmp_path) == "ckpt-2"
+
+
+def test_saves_from_several_threads_all_commit_each_with_whole_values(tmp_path):
+    """Threads that share one manager (a trainer and a watchdog saving, say): each save waits
+    for the one before it as on one thread (was: ``RuntimeError: cannot join thread before it
+    is started`` from a save racing another's writer start, and snapshots racing into the same
+    buffers)."""
+    variables = [tf.Variable(np.full(300_000, float(i), np.float32)) for i in range(8)]
+    checkpoint = tf.train.Checkpoint(vs=variables)
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=None, async_save=True)
+    errors: list[BaseException] = []
+
+    def saves(thread: int) -> None:
+        try:
+            for n in range(12):
+                manager.save(checkpoint_number=100 * thread + n)
+        except BaseException as e:  # noqa: BLE001 - the test reports it below
+            errors.append(e)
+
+    threads = [threading.Thread(target=saves, args=(t,)) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    manager.sync()
+    assert errors == []
+    assert sorted(names(manager)) == sorted(f"ckpt-{100 * t + n}" for t in range(3) for n in range(12))
+    assert sorted(committed_on_disk(tmp_path)) == sorted(names(manager))
+    assert not temporaries(tmp_path)
+    for prefix in manager.checkpoints:
+        reader = tf.train.load_checkpoint(prefix)
+        for i in range(8):
+            assert (reader.get_tensor(f"vs/{i}/.ATTRIBUTES/VARIABLE_VALUE") == i).all()
