@@ -882,15 +882,18 @@ def locate(
     if kind == "missing":
         raise ValueError(f"{argname} must be an existing checkpoint file or directory. Received: "
                          f"{argname}={path!r}")
-    directory, base = os.path.split(path)
+    # The caller's own path: a link they keep (latest.pt) names the file to load, verified by
+    # the manifest beside that file. Only names read from a manifest are never followed.
+    real = os.path.realpath(path)
+    directory, base = os.path.split(real)
     m = mf.load(directory) if mf.exists(directory) else Manifest()
     record = next((r for r in m.checkpoints if any(f.path == base for f in r.files)), None)
     if record is None:
-        return path, None, None
+        return real, None, None
     record, held, skipped = _hold_newest(storage.LocalStorage(directory), [record], in_flight(m))
     if skipped:
         raise ValueError(f"{argname}={path!r} is corrupt: {skipped[0][1]}")
-    return path, record, held
+    return real, record, held
 
 
 def _hold_newest(

@@ -271,6 +271,27 @@ def test_resume_from_a_directory_whose_writer_rotates_the_file_away_meanwhile(tm
     assert engine_mod.verify(str(tmp_path / "job2"), mf.load(str(tmp_path / "job2")).checkpoints[-1]) is None
 
 
+
+@pytest.mark.parametrize("link", ["beside", "inside"])
+def test_resume_from_a_symlink_to_a_checkpoint_follows_it(tmp_path, link):
+    """``resume=latest.pt``, a link the user keeps to the newest checkpoint: the file it names
+    is verified by its own manifest, loaded and copied (was: loaded, then a bare
+    ``OSError: Too many levels of symbolic links`` from the copy, after the model was restored)."""
+    src = tmp_path / "job1"
+    train(Checkpointer(str(src / "ck-{epoch}.bin"), framework="t"), [0.3, 0.2])
+    latest = (tmp_path if link == "beside" else src) / "latest.bin"
+    latest.symlink_to(src / "ck-1.bin" if link == "beside" else "ck-1.bin")
+    ck = Checkpointer(str(tmp_path / "job2" / "ck-{epoch}.bin"), framework="t", resume=str(latest))
+    path = ck.begin()
+    assert path == str(src / "ck-1.bin")
+    assert ck.load(path, _read_all)[1] == (src / "ck-1.bin").read_bytes()
+    ck.restored(path, {"epoch": 1, "step": 1})
+    ck.end()
+    (copied,) = mf.load(str(tmp_path / "job2")).checkpoints
+    assert (tmp_path / "job2" / copied.path).read_bytes() == (src / "ck-1.bin").read_bytes()
+    assert engine_mod.verify(str(tmp_path / "job2"), copied) is None
+
+
 _LIVE_WRITER = """
 import json, os, sys
 sys.path.insert(0, sys.argv[2])
