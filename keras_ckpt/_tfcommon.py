@@ -272,7 +272,7 @@ class PrefixSeries:
         checkpoint is skipped with a warning (the engine names it). Returns the record TF will
         restore from, or None.
         """
-        self.engine.open(self._argname)
+        self.engine.open(self._argname, self._given_directory)
         self.engine.continue_run()  # TF always continues the directory's checkpoints
         if adopt:
             self.adopt_tf_checkpoints()

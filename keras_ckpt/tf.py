@@ -148,6 +148,11 @@ class CheckpointManager(SeriesAttributes):
         mode: str = "auto",
         async_save: bool = False,
     ) -> None:
+        if not all(callable(getattr(checkpoint, m, None)) for m in ("write", "restore")):
+            raise TypeError(
+                "checkpoint must be a tf.train.Checkpoint (the object whose variables are "
+                f"saved). Received: checkpoint={checkpoint!r}"
+            )
         async_save = check_bool("async_save", async_save)
         validate_positive_number("keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours)
         validate_count("checkpoint_interval", checkpoint_interval, minimum=1)

@@ -6,6 +6,7 @@ import gc
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -364,3 +365,22 @@ def test_clock_gone_backwards_warns_and_deletes_nothing_that_existed(tmp_path, m
     assert _prefixes_on_disk(tmp_path) == ["ckpt-2", "ckpt-3", "ckpt-6"]
     assert manager.checkpoints == [str(tmp_path / "ckpt-6")]
     assert tf.train.get_checkpoint_state(str(tmp_path)).last_preserved_timestamp == 5000.0
+
+
+def test_a_directory_that_cannot_be_created_names_the_directory_as_given(tmp_path):
+    """Was: ``Received: directory='<directory>/ckpt'``, a value the caller never passed."""
+    (tmp_path / "a-file").write_text("")
+    checkpoint, _ = _helper().make_state()
+    bad = str(tmp_path / "a-file" / "run")
+    with pytest.raises(ValueError, match=f"cannot be created or written.*Received: directory='{bad}'$"):
+        CheckpointManager(checkpoint, bad, max_to_keep=1)
+
+
+@pytest.mark.parametrize("value", ["runs/a", None, {"w": 1}])
+def test_checkpoint_must_be_a_checkpoint_before_anything_is_written(tmp_path, value):
+    """Was: an ``AttributeError`` about ``save_counter`` at the first ``save``, after the
+    manager had taken the directory."""
+    message = f"checkpoint must be a tf.train.Checkpoint.*Received: checkpoint={re.escape(repr(value))}"
+    with pytest.raises(TypeError, match=message):
+        CheckpointManager(value, tmp_path / "run", max_to_keep=1)
+    assert not (tmp_path / "run").exists()
