@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import threading
 import time
@@ -32,6 +33,22 @@ _FOREIGN_HINT = (
     "Use one manager per directory, and do not call checkpoint.save() into it: "
     "tf.train.CheckpointManager and Checkpoint.save rotate or list files by their own rules."
 )
+
+
+def _check_save_arguments(checkpoint_number: Any, metrics: Any, options: Any) -> None:
+    """TypeError naming the first bad argument of ``save``, before anything it changes."""
+    number = checkpoint_number
+    dtype = getattr(number, "dtype", None)
+    if not (number is None or (isinstance(number, numbers.Integral) and not isinstance(number, bool))
+            or (isinstance(dtype, tf.DType) and dtype.is_integer)):
+        raise TypeError("checkpoint_number must be an integer, a tf.Variable holding one, or None. "
+                        f"Received: checkpoint_number={number!r}")
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of names to scalars, or None. Received: "
+                        f"metrics={metrics!r}")
+    if options is not None and not isinstance(options, tf.train.CheckpointOptions):
+        raise TypeError(f"options must be a tf.train.CheckpointOptions or None. Received: "
+                        f"options={options!r}")
 
 
 def _as_int(value: Any) -> int:
@@ -308,6 +325,7 @@ class CheckpointManager(SeriesAttributes):
             The new checkpoint's prefix (with ``async_save``: the prefix it has once committed;
             ``sync()`` waits for that), or None when ``checkpoint_interval`` skipped the save.
         """
+        _check_save_arguments(checkpoint_number, metrics, options)
         with self._lock:
             return self._save(checkpoint_number, check_interval, options, metrics)
 

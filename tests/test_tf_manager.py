@@ -384,3 +384,25 @@ def test_checkpoint_must_be_a_checkpoint_before_anything_is_written(tmp_path, va
     with pytest.raises(TypeError, match=message):
         CheckpointManager(value, tmp_path / "run", max_to_keep=1)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"checkpoint_number": "x"}, "Received: checkpoint_number='x'"),
+        ({"checkpoint_number": True}, "Received: checkpoint_number=True"),
+        ({"checkpoint_number": tf.Variable("s")}, "Received: checkpoint_number=<tf.Variable"),
+        ({"metrics": 3}, "Received: metrics=3"),
+        ({"options": "fast"}, "Received: options='fast'"),
+    ],
+)
+def test_bad_save_arguments_fail_before_anything_changes(tmp_path, kwargs, message):
+    """Was: a ValueError from ``int()`` or an AttributeError naming no argument, raised after
+    ``save_counter`` was incremented."""
+    checkpoint, _ = _helper().make_state()
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=1)
+    with pytest.raises(TypeError, match=re.escape(message)):
+        manager.save(**kwargs)
+    assert int(checkpoint.save_counter.numpy()) == 0
+    assert manager.checkpoints == [] and not [n for n in os.listdir(tmp_path) if "ckpt" in n]
+    assert manager.save() == os.path.join(str(tmp_path), "ckpt-1")
