@@ -884,7 +884,7 @@ def locate(
                          f"{argname}={path!r}")
     # The caller's own path: a link they keep (latest.pt) names the file to load, verified by
     # the manifest beside that file. Only names read from a manifest are never followed.
-    real = os.path.realpath(path)
+    real = os.path.realpath(path) if os.path.islink(path) else path
     directory, base = os.path.split(real)
     m = mf.load(directory) if mf.exists(directory) else Manifest()
     record = next((r for r in m.checkpoints if any(f.path == base for f in r.files)), None)

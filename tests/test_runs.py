@@ -283,7 +283,7 @@ def test_resume_from_a_symlink_to_a_checkpoint_follows_it(tmp_path, link):
     latest.symlink_to(src / "ck-1.bin" if link == "beside" else "ck-1.bin")
     ck = Checkpointer(str(tmp_path / "job2" / "ck-{epoch}.bin"), framework="t", resume=str(latest))
     path = ck.begin()
-    assert path == str(src / "ck-1.bin")
+    assert path == os.path.realpath(src / "ck-1.bin")
     assert ck.load(path, _read_all)[1] == (src / "ck-1.bin").read_bytes()
     ck.restored(path, {"epoch": 1, "step": 1})
     ck.end()
