@@ -102,8 +102,8 @@ class CheckpointManager(SeriesAttributes):
     only if the write is already over, without waiting. ``checkpoints``, ``latest_checkpoint``,
     ``records``, TF's ``checkpoint`` state file and rotation only ever show committed
     checkpoints. Interpreter exit waits for the save in flight. Several threads may share a
-    manager: its calls run one at a time. This is keras_ckpt's own
-    writer, not TF's ``CheckpointOptions(experimental_enable_async_checkpoint=True)``, which
+    manager: its calls run one at a time. This is keras_ckpt's own writer, not TF's
+    ``CheckpointOptions(experimental_enable_async_checkpoint=True)``, which
     fails on the second save of a Keras 3 model and writes another ``save_counter`` than the
     checkpoint's (see ``keras_ckpt/_tfsnapshot.py``).
 
@@ -210,7 +210,7 @@ class CheckpointManager(SeriesAttributes):
         self._writer = BackgroundWriter()
         # One save (or restore, sync, close) at a time, whichever thread calls: the snapshot
         # buffers, the writer's one slot and TF's lazily created save_counter are not shared safely.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # init_fn may save
         # TF keeps it only with checkpoint_interval; so do we (it is what the interval counts from).
         self._last_checkpoint_step = last_checkpoint_step if checkpoint_interval is not None else None
         created = time.time()

@@ -373,3 +373,21 @@ def test_saves_from_several_threads_all_commit_each_with_whole_values(tmp_path):
         reader = tf.train.load_checkpoint(prefix)
         for i in range(8):
             assert (reader.get_tensor(f"vs/{i}/.ATTRIBUTES/VARIABLE_VALUE") == i).all()
+
+
+def test_init_fn_may_save(tmp_path):
+    """``init_fn`` runs inside ``restore_or_initialize``; a first save there must not wait for
+    the call it runs in."""
+    checkpoint = tf.train.Checkpoint(a=tf.Variable(1.0))
+    manager = None
+
+    def init_fn() -> None:
+        manager.save()
+
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=1, init_fn=init_fn, async_save=True)
+    done = threading.Thread(target=manager.restore_or_initialize, daemon=True)
+    done.start()
+    done.join(timeout=60)
+    assert not done.is_alive(), "restore_or_initialize deadlocked on init_fn's save"
+    manager.sync()
+    assert names(manager) == ["ckpt-1"]
