@@ -870,7 +870,13 @@ def locate(
             m = mf.load(path)
             record, held, skipped = _hold_newest(store, choose_series(m, series, path, argname),
                                                  in_flight(m))
-            if not skipped or attempt == _LOCATE_TRIES - 1 or mf.load(path) == m:
+            try:
+                settled = not skipped or attempt == _LOCATE_TRIES - 1 or mf.load(path) == m
+            except BaseException:
+                if held is not None:
+                    held.close()
+                raise
+            if settled:
                 break
             if held is not None:  # the writer moved on meanwhile: take its newer checkpoint
                 held.close()
