@@ -229,7 +229,25 @@ TORCH_SAVE = PrivateAPI(
     "writer (called as write_record(name, str-or-CPU-UntypedStorage, size))",
     fallback="torch.save (torch's C++ zip writer: the CRC-32s on one core before each write)",
 )
-TORCH: tuple[PrivateAPI, ...] = (TORCH_SAVE,)
+_TORCH_FAST_READ = ("keras_ckpt.torch._load_image: torch.load's zip reading step over the verified "
+                    "image, its tensors views of it (overall_storage, as torch.load(mmap=True))")
+_TORCH_READ_FALLBACK = "torch.load(weights_only=True) of the verified image (one copy more)"
+TORCH_LOAD = PrivateAPI(
+    "torch", "torch.serialization", "_load",
+    params=("zip_file", "map_location", "pickle_module", "overall_storage"),
+    used_by=_TORCH_FAST_READ, fallback=_TORCH_READ_FALLBACK,
+)
+TORCH_FILE_READER = PrivateAPI(
+    "torch", "torch._C", "PyTorchFileReader", used_by=_TORCH_FAST_READ + " (over a file object)",
+    fallback=_TORCH_READ_FALLBACK,
+)
+TORCH_WEIGHTS_ONLY_UNPICKLER = PrivateAPI(
+    "torch", "torch", "_weights_only_unpickler",
+    used_by=_TORCH_FAST_READ + " (the pickle_module torch.load uses for weights_only=True)",
+    fallback=_TORCH_READ_FALLBACK,
+)
+TORCH_FAST_READ: tuple[PrivateAPI, ...] = (TORCH_LOAD, TORCH_FILE_READER, TORCH_WEIGHTS_ONLY_UNPICKLER)
+TORCH: tuple[PrivateAPI, ...] = (TORCH_SAVE, *TORCH_FAST_READ)
 
 ALL: tuple[PrivateAPI, ...] = KERAS + TENSORFLOW + TORCH
 

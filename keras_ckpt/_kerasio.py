@@ -50,7 +50,7 @@ import h5py
 import keras
 import numpy as np
 
-from keras_ckpt import _compat, _zip, storage
+from keras_ckpt import _compat, _stream, _zip, storage
 from keras_ckpt._async import ReusableBuffers, copy_all
 
 __all__ = [
@@ -115,6 +115,7 @@ _LEGACY_OPTIMIZER_PATH = "optimizer_weights"  # where Keras's legacy .h5 writer 
 
 # Smaller arrays are left to h5py: planning them saves nothing and only adds segments.
 _PLAN_MIN_BYTES = 1 << 16
+_DATA_ALIGN = 64
 
 
 # --- Planning the HDF5 file -------------------------------------------------------------------
@@ -385,7 +386,10 @@ def _segments(
     ``DiskIOStore`` for ``.keras`` files (layers such as lookups save vocabularies there).
     """
     image = _SparseImage()
-    with h5py.File(image, "w") as h5_file, _optimizers_without_copies(model):
+    # Large datasets start on 64-byte boundaries (in a .keras archive the member does too), so
+    # resume can hand TF views of the bytes it read, which TF takes only so aligned.
+    with h5py.File(image, "w", alignment_threshold=_PLAN_MIN_BYTES,
+                   alignment_interval=_DATA_ALIGN) as h5_file, _optimizers_without_copies(model):
         store = _PlanningStore(h5_file)
         _compat.resolve(_compat.KERAS_SAVE_STATE)(
             model,
@@ -525,7 +529,7 @@ def _write_archive(
     archive = _zip.ZipWriter(storage.EarlyWriteback(out), timestamp=timestamp, unix_mode=0o600)
     for name, data in members:
         archive.add(name, data)
-    archive.add_streamed(_WEIGHTS_MEMBER, segments)
+    archive.add_streamed(_WEIGHTS_MEMBER, segments, align=_DATA_ALIGN)
     archive.finish()
 
 
@@ -561,7 +565,7 @@ def read_state(path: str, source: storage.StreamedRead | None = None) -> bytes |
     In every format it is the dataset :data:`STATE_MEMBER` of the HDF5 weights (in a ``.keras``
     archive: inside ``model.weights.h5``, read in place).
     """
-    with _weights(path, source) as (h5_file, _, _):
+    with _weights(path, source) as (h5_file, _):
         dataset = h5_file.get(STATE_MEMBER)
         if not isinstance(dataset, h5py.Dataset):
             return None
@@ -570,14 +574,14 @@ def read_state(path: str, source: storage.StreamedRead | None = None) -> bytes |
 
 def holds_optimizer(path: str, source: storage.StreamedRead | None = None) -> bool:
     """Whether the ``.keras``, ``.weights.h5`` or legacy ``.h5`` file holds optimizer variables."""
-    with _weights(path, source) as (h5_file, _, _):
+    with _weights(path, source) as (h5_file, _):
         return _OPTIMIZER_PATH in h5_file or _LEGACY_OPTIMIZER_PATH in h5_file
 
 
 def read_arrays(path: str, source: storage.StreamedRead | None = None) -> dict[str, np.ndarray]:
     """The arrays the training state refers to (:data:`ARRAYS_GROUP`), by name; {} if none."""
     found: dict[str, np.ndarray] = {}
-    with _weights(path, source) as (h5_file, _, _):
+    with _weights(path, source) as (h5_file, _):
         group = h5_file.get(ARRAYS_GROUP)
         if isinstance(group, h5py.Group):
             group.visititems(
@@ -615,9 +619,8 @@ class _Window(_Positioned):
         return done
 
 
-# Datasets that large are read through a StreamedRead straight into buffers of their own (the rest
-# by h5py).
-_STREAM_MIN_BYTES = _PLAN_MIN_BYTES
+# Datasets that large are taken from the verified image in place (the rest h5py reads).
+_IN_PLACE_MIN_BYTES = _PLAN_MIN_BYTES
 
 
 def _dataset_extent(dataset: h5py.Dataset, length: int) -> tuple[int, np.dtype, tuple[int, ...]] | None:
@@ -633,7 +636,7 @@ def _dataset_extent(dataset: h5py.Dataset, length: int) -> tuple[int, np.dtype, 
         return None
     nbytes = dtype.itemsize * math.prod(shape)
     dcpl = dataset.id.get_create_plist()
-    if (nbytes < _STREAM_MIN_BYTES or dcpl.get_layout() != h5py.h5d.CONTIGUOUS
+    if (nbytes < _IN_PLACE_MIN_BYTES or dcpl.get_layout() != h5py.h5d.CONTIGUOUS
             or dcpl.get_nfilters() or dcpl.get_external_count()):
         return None
     offset = dataset.id.get_offset()
@@ -650,58 +653,32 @@ def _dataset_extent(dataset: h5py.Dataset, length: int) -> tuple[int, np.dtype, 
 class _ReadStore(_H5IOStore):
     """Keras's HDF5 weights store over an already opened ``h5py.File``.
 
-    Given the :class:`keras_ckpt.storage.StreamedRead` the file is being read through, every
-    large dataset stored as plain bytes is planned up front (:meth:`StreamedRead.plan`): the
-    stream's thread reads it straight into a buffer of its own while it checksums the file, and
-    Keras's ``assign`` gets that buffer (:meth:`StreamedRead.take` waits until it is read). So
-    each byte is copied from the page cache once, on the thread that waits for the disk anyway;
-    h5py's own read would allocate an array per variable and copy into it on this thread.
+    Given the HDF5 file's bytes in memory (``image``: a slice of a verified
+    :class:`keras_ckpt.storage.StreamedRead` image), every large dataset stored as plain bytes
+    is handed to Keras's ``assign`` as a view of those bytes, not read again by h5py (which
+    would allocate an array per variable and copy into it); on TF the variable adopts the view
+    without a copy (DLPack), so the image becomes the variables' memory.
 
     Args:
         h5_file: the weights, open.
-        source: the stream the file is read through, or None (h5py reads everything).
-        base: where the HDF5 file starts in the streamed file (a ``.keras`` member's offset).
-        length: the HDF5 file's size.
+        image: the HDF5 file's bytes, or None (h5py reads everything).
     """
 
-    def __init__(self, h5_file: h5py.File, source: storage.StreamedRead | None = None,
-                 base: int | None = None, length: int = 0) -> None:
+    def __init__(self, h5_file: h5py.File, image: np.ndarray | None = None) -> None:
         self._file = h5_file
-        self._source = source if base is not None else None
-        self._base, self._length = base or 0, length
+        self._image = image
         super().__init__("in-memory", mode="r")
-        if self._source is not None:
-            self._source.plan(self._extents())
-
-    def _extents(self) -> list[tuple[int, int]]:
-        """(offset in the streamed file, nbytes) of every large dataset stored in one range.
-
-        A hint for the stream, so only the cheap low-level calls (a few ms for a model's
-        datasets, not h5py's object layer); :meth:`__getitem__` takes a range only after every
-        check of :func:`_dataset_extent`.
-        """
-        found: list[tuple[int, int]] = []
-
-        def visit(name: bytes, info: Any) -> None:
-            if info.type == h5py.h5o.TYPE_DATASET:
-                dataset = h5py.h5d.open(self._file.id, name)
-                offset, nbytes = dataset.get_offset(), dataset.get_storage_size()
-                if offset is not None and _STREAM_MIN_BYTES <= nbytes <= self._length - offset:
-                    found.append((self._base + offset, nbytes))
-
-        h5py.h5o.visit(self._file.id, visit, info=True)
-        return found
 
     def _get_h5_file(self, path_or_io: Any, mode: str | None = None) -> h5py.File:
         return self._file
 
     def __getitem__(self, key: str) -> Any:
-        extent = self._extent(key) if self._source is not None else None
+        extent = self._extent(key) if self._image is not None else None
         if extent is None:
             return super().__getitem__(key)
         offset, dtype, shape = extent
-        buf = self._source.take(self._base + offset, dtype.itemsize * math.prod(shape))  # type: ignore[union-attr]
-        array = buf.view(dtype).reshape(shape)
+        nbytes = dtype.itemsize * math.prod(shape)
+        array = _stream.aligned_view(self._image, offset, nbytes).view(dtype).reshape(shape)  # type: ignore[arg-type]
         if keras.backend.backend() == "tensorflow":
             # TF copies a NumPy array twice on the way into a variable (a defensive copy, then
             # a fresh tensor). A tensor wrapping the buffer (64-byte aligned, DLPack) is
@@ -722,49 +699,52 @@ class _ReadStore(_H5IOStore):
         dataset = group[key]
         if not isinstance(dataset, h5py.Dataset):
             return None
-        return _dataset_extent(dataset, self._length)
+        return _dataset_extent(dataset, len(self._image))  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager
 def _raw(path: str, source: storage.StreamedRead | None) -> Iterator[IO[bytes]]:
-    """The file unbuffered: through ``source``'s descriptor (opened by storage), else by name."""
+    """The file unbuffered: ``source``'s verified bytes (CorruptFile if they are not the
+    manifest's), else the file by name."""
     if source is None:
         with open(path, "rb", buffering=0) as f:
             yield f
     else:
-        with open(source.fd, "rb", buffering=0, closefd=False) as f:
-            yield f
+        yield _stream.MemoryFile(source.verified())
 
 
 @contextlib.contextmanager
 def _weights(
     path: str, source: storage.StreamedRead | None,
-) -> Iterator[tuple[h5py.File, int | None, int]]:
-    """The HDF5 weights of a ``.keras``, ``.weights.h5`` or ``.h5`` file, open; where they start
-    in the file (None: not stored in place: a compressed member) and their size."""
+) -> Iterator[tuple[h5py.File, np.ndarray | None]]:
+    """The HDF5 weights of a ``.keras``, ``.weights.h5`` or ``.h5`` file, open; and, read
+    through ``source``, their bytes in memory (None: not stored in place, a compressed member,
+    or read by name)."""
     with _raw(path, source) as raw:
-        fd = raw.fileno()
-        size = os.fstat(fd).st_size
-        base: int | None = 0
-        length = size
-        h5_file = None
+        image = source.verified() if source is not None else None
+        size = len(image) if image is not None else os.fstat(raw.fileno()).st_size
+        base, length, h5_file = 0, size, None
         if zipfile.is_zipfile(raw):
             with zipfile.ZipFile(raw) as archive:
                 info = archive.getinfo(_WEIGHTS_MEMBER)
                 if info.compress_type != zipfile.ZIP_STORED:
                     h5_file = h5py.File(io.BytesIO(archive.read(info)), "r")
-                    base, length = None, info.file_size
+                    image = None
                 else:
-                    base, length = _zip.member_data_offset(fd, info), info.file_size
+                    pread = raw.pread if image is not None else raw.fileno()  # type: ignore[attr-defined]
+                    base, length = _zip.member_data_offset(pread, info), info.file_size
                     if base + length > size:  # from the file: never trusted
                         raise zipfile.BadZipFile(
                             f"{_WEIGHTS_MEMBER} claims bytes [{base}, {base + length}) of an "
                             f"archive of {size} bytes"
                         )
+        if image is not None:
+            image = image[base : base + length]
         if h5_file is None:
-            h5_file = h5py.File(_Window(fd, base or 0, length), "r")
+            h5_file = h5py.File(_stream.MemoryFile(image) if image is not None
+                                else _Window(raw.fileno(), base, length), "r")
         with h5_file:
-            yield h5_file, base, length
+            yield h5_file, image
 
 
 def load_into(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:
@@ -777,9 +757,9 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
     reloaded: the model object already holds its own, as with ``load_weights``.
 
     With ``source`` (the file being read and checksummed by
-    :meth:`keras_ckpt.storage.LocalStorage.stream`), the file is read through its descriptor and
-    each variable is assigned as soon as the stream has read its bytes: one read of the file
-    verifies and loads it. The caller compares the checksum afterwards.
+    :meth:`keras_ckpt.storage.LocalStorage.stream`), nothing is assigned before the whole file
+    has been read and matched its checksum (:class:`keras_ckpt.storage.CorruptFile` else); the
+    large variables then take their bytes from that one read in place.
     """
     if not model.built:
         raise ValueError(
@@ -792,7 +772,7 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
     if not fast_read_available():
         _load_with_keras(model, path, source)
         return
-    with _weights(path, source) as (h5_file, base, length):
+    with _weights(path, source) as (h5_file, image):
         # A file saved without the optimizer keeps the optimizer's fresh state, without
         # Keras's variable-count warning.
         skip = {id(optimizer)} if optimizer is not None and _OPTIMIZER_PATH not in h5_file else set()
@@ -800,7 +780,7 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
         errors: dict[int, Any] = {}
         _compat.resolve(_compat.KERAS_LOAD_STATE)(
             model,
-            weights_store=_ReadStore(h5_file, source, base, length),
+            weights_store=_ReadStore(h5_file, image),
             assets_store=None,
             inner_path="",
             visited_saveables=skip,
@@ -814,7 +794,7 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
 
 def _load_with_keras(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:
     """The public route: ``model.load_weights`` (the optimizer is already built)."""
-    with _weights(path, source) as (h5_file, _, _):
+    with _weights(path, source) as (h5_file, _):
         has_optimizer = _OPTIMIZER_PATH in h5_file
     with warnings.catch_warnings():
         if not has_optimizer:

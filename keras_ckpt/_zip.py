@@ -19,6 +19,7 @@ count needs them.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import threading
@@ -26,7 +27,7 @@ import time
 import zipfile
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, NamedTuple
+from typing import IO, Callable, NamedTuple
 
 __all__ = ["ZIP64_LIMIT", "ZipWriter", "crc32_combine", "member_data_offset"]
 
@@ -447,17 +448,21 @@ class ZipWriter:
 # --- Reading ----------------------------------------------------------------------------------
 
 
-def member_data_offset(fd: int, info: zipfile.ZipInfo) -> int:
+def member_data_offset(fd: int | Callable[[int, int], bytes], info: zipfile.ZipInfo) -> int:
     """Where the data of member ``info`` starts in the zip file open as ``fd``.
 
     Read from the member's local header, whose extra field (alignment padding) may differ in
     length from the central directory's: zipfile does not say.
 
     Args:
-        fd: an open file descriptor of the archive (read with ``pread``: no position moves).
+        fd: an open file descriptor of the archive (read with ``pread``: no position moves), or
+            a ``pread(nbytes, offset)`` function over the archive's bytes.
         info: the member, from ``zipfile.ZipFile(...).getinfo``.
     """
-    header = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
+    pread = functools.partial(os.pread, fd) if isinstance(fd, int) else fd
+    header = pread(_LOCAL_HEADER.size, info.header_offset)
+    if len(header) != _LOCAL_HEADER.size:
+        raise zipfile.BadZipFile(f"bad local header for {info.filename!r}")
     fields = _LOCAL_HEADER.unpack(header)
     if fields[0] != b"PK\x03\x04":
         raise zipfile.BadZipFile(f"bad local header for {info.filename!r}")

@@ -358,8 +358,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
     # -- restoring ----------------------------------------------------------------------------
 
     def _restore(self, path: str) -> None:
-        # Read once: checksummed while it loads, the previous checkpoint loaded if it is corrupt.
-        self._optimizer_loaded = False
+        # Read once and checksummed before anything is assigned; a corrupt file is skipped for
+        # the previous checkpoint.
         path, blob = self._core.load(path, self._load_file)
         state = json.loads(blob) if blob else None
         if state is None:
@@ -406,33 +406,14 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
 
     def _load_file(self, path: str, source: StreamedRead | None) -> bytes | None:
         """Load the model's and optimizer's variables from ``path`` (through ``source``, the
-        stream that checksums it, where given); return the training state's bytes."""
+        stream that checksums it, where given: nothing is assigned before the file matched its
+        checksum); return the training state's bytes."""
         self._check_format(path, source)
-        self._check_replaces_optimizer(path, source)
         if path.endswith(".h5") and not path.endswith(".weights.h5"):
             self._load_legacy_h5(path)
         else:
             _kerasio.load_into(self.model, path, source)
         return _kerasio.read_state(path, source)
-
-    def _check_replaces_optimizer(self, path: str, source: StreamedRead | None) -> None:
-        """Refuse a file without optimizer state after a corrupt one loaded the optimizer's.
-
-        Variables are assigned as their bytes arrive, so a newer checkpoint found corrupt only
-        when its checksum came out has already written into the optimizer; a previous one that
-        holds no optimizer state (``save_optimizer=False``) would leave those values there.
-        """
-        holds = _kerasio.holds_optimizer(path, source)
-        if self._optimizer_loaded and not holds and getattr(self.model, "optimizer", None) is not None:
-            raise ValueError(
-                f"resume: a newer checkpoint turned out corrupt after its optimizer state was "
-                f"loaded, and {path}, the newest one before it that verifies, holds no optimizer "
-                "state to replace it (saved with save_optimizer=False): training would go on "
-                "from the corrupt file's optimizer values. Build the model again and pass "
-                f"resume={path!r} to restore it with a fresh optimizer. "
-                f"Received: resume={self._core.resume!r}"
-            )
-        self._optimizer_loaded |= holds
 
     def _check_format(self, path: str, source: StreamedRead | None = None) -> None:
         """A ValueError naming ``resume`` for a file no Keras loader reads (e.g. a torch ``.pt``)."""

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from keras_ckpt import _compat, _zip, rng, storage
+from keras_ckpt import _compat, _stream, _zip, rng, storage
 from keras_ckpt._async import ReusableBuffers
 from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer, Payload
 from keras_ckpt.config import CheckpointConfig, check_filepath
@@ -582,18 +582,13 @@ def _load(path: str, source: storage.StreamedRead | None = None) -> Mapping[str,
     torch's advice to retry with ``weights_only=False`` (which would run code from the file).
 
     With ``source`` (the stream reading and checksumming the file, see
-    :meth:`keras_ckpt.engine.Engine.restore_newest`), torch reads the very file storage opened
-    and checked, through :class:`keras_ckpt.storage.StreamedFile`: the tensor records are planned
-    (:func:`_record_extents`), so the stream's thread reads each straight into a buffer while it
-    checksums the file, and torch's read of a record copies that buffer, as the stream goes.
+    :meth:`keras_ckpt.engine.Engine.restore_newest`), the file is loaded from the bytes that
+    stream read, once they matched their checksum (:class:`keras_ckpt.storage.CorruptFile`
+    else): nothing of a corrupt file reaches the caller's objects.
     """
     try:
-        if source is not None and os.path.exists(f"/proc/self/fd/{source.fd}"):
-            source.plan(())
-            payload = torch.load(f"/proc/self/fd/{source.fd}", map_location="cpu", weights_only=True)
-        elif source is not None:
-            source.plan(_record_extents(source))
-            payload = torch.load(storage.StreamedFile(source), map_location="cpu", weights_only=True)
+        if source is not None:
+            payload = _load_image(source.verified())
         else:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as e:
@@ -612,18 +607,26 @@ def _load(path: str, source: storage.StreamedRead | None = None) -> Mapping[str,
     return payload
 
 
-def _record_extents(source: storage.StreamedRead) -> list[tuple[int, int]]:
-    """Where the tensor records of the torch.save zip ``source`` probably lie: a hint for the
-    stream (a wrong guess only costs a copy). torch's writer and ours pad each record's local
-    header so its data starts on a 64-byte boundary; zipfile reads only the central directory."""
-    found = []
-    with contextlib.suppress(zipfile.BadZipFile, OSError, ValueError), \
-            open(source.fd, "rb", buffering=0, closefd=False) as f, zipfile.ZipFile(f) as archive:
-        for info in archive.infolist():
-            if info.compress_type == zipfile.ZIP_STORED and info.file_size >= 1 << 20:
-                start = info.header_offset + _zip._LOCAL_HEADER.size + len(info.orig_filename.encode()) + 4
-                found.append((start + -start % 64, info.file_size))
-    return found
+def _load_image(image: Any) -> Any:
+    """``torch.load(weights_only=True)`` of a file's verified bytes (a uint8 array), its tensors
+    views of those bytes: what ``torch.load(mmap=True)`` does with a mapped file, over the image
+    instead. The optimizer's state then keeps that memory (``load_state_dict`` adopts tensors
+    of its parameters' dtype and device), the model's is copied into its parameters.
+
+    Without torch's private loading step the bytes are read by ``torch.load``, one copy more.
+    """
+    if not all(_compat.available(api) for api in _compat.TORCH_FAST_READ):
+        return torch.load(_stream.MemoryFile(image), map_location="cpu", weights_only=True)
+    reader = _compat.resolve(_compat.TORCH_FILE_READER)(_stream.MemoryFile(image))  # type: ignore[operator]
+    if "constants.pkl" in reader.get_all_records():
+        raise RuntimeError("a TorchScript archive, not a torch.save file")
+    whole = torch.frombuffer(image, dtype=torch.uint8).untyped_storage()
+    unpickler = _compat.resolve(_compat.TORCH_WEIGHTS_ONLY_UNPICKLER)
+    try:
+        return _compat.resolve(_compat.TORCH_LOAD)(  # type: ignore[operator]
+            zip_file=reader, map_location="cpu", pickle_module=unpickler, overall_storage=whole)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(str(e)) from None
 
 
 def _has_record(path: str, name: str) -> bool:

@@ -128,9 +128,9 @@ def test_torch_corrupt_newest_found_while_loading_gives_the_previous_one_bitwise
 
 
 def test_a_corrupt_newest_whose_optimizer_state_was_loaded_is_not_left_under_one_without(tmp_path):
-    """ck-1 holds no optimizer state (save_optimizer=False), ck-2 does and turns out corrupt
-    once its variables are in the model: ck-1's weights would leave ck-2's optimizer values
-    there. Refused before training; the path the message names restores with a fresh one."""
+    """ck-1 holds no optimizer state (save_optimizer=False), ck-2 does and turns out corrupt.
+    Nothing of ck-2 is assigned before its checksum is known, so resume falls back to ck-1 and
+    the optimizer keeps its fresh state, exactly as resume='ck-1.keras' would leave it."""
     template = str(tmp_path / "ck-{epoch}.keras")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(32, 128)).astype("float32")
@@ -142,21 +142,21 @@ def test_a_corrupt_newest_whose_optimizer_state_was_loaded_is_not_left_under_one
     model.fit(x, x[:, :1], batch_size=8, epochs=2, verbose=0, callbacks=[second])
     flip_middle_byte(second.latest_path)
 
-    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
-    ckpt.set_model(big_model())
-    with pytest.warns(UserWarning, match="skipping checkpoint 'ck-2'"), pytest.raises(
-        ValueError, match=r"holds no optimizer state.*resume='[^']*ck-1\.keras'.*resume=True"
-    ):
-        ckpt.on_train_begin()
-    again = big_model()
-    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=str(tmp_path / "ck-1.keras"))
-    ckpt.set_model(again)
-    ckpt.on_train_begin()
-    ckpt.on_train_end()
-    assert int(again.optimizer.iterations.numpy()) == 0
-    assert not any(np.any(v.numpy()) for v in again.optimizer.variables[2:])  # Adam's slots
-    for got, want in zip(values(again), ck1):
-        np.testing.assert_array_equal(got, want)
+    for resume in (True, str(tmp_path / "ck-1.keras")):
+        again = big_model()
+        ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=resume)
+        ckpt.set_model(again)
+        if resume is True:
+            with pytest.warns(UserWarning, match="skipping checkpoint 'ck-2'"):
+                ckpt.on_train_begin()
+        else:
+            ckpt.on_train_begin()
+        ckpt.on_train_end()
+        assert ckpt.restored_path == str(tmp_path / "ck-1.keras")
+        assert int(again.optimizer.iterations.numpy()) == 0
+        assert not any(np.any(v.numpy()) for v in again.optimizer.variables[2:])  # Adam's slots
+        for got, want in zip(values(again), ck1):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_torch_corrupt_newest_leaves_nothing_in_objects_the_previous_one_does_not_hold(tmp_path):
@@ -201,63 +201,23 @@ def test_torch_corrupt_newest_leaves_nothing_in_objects_the_previous_one_does_no
         assert torch.equal(value, ck1[key]), key
 
 
-def test_planned_ranges_come_back_with_the_files_bytes_and_bad_plans_are_ignored(tmp_path):
-    # Ranges read straight into buffers of their own, overlapping and outside ones left out (read
-    # by copying instead), and a corrupt byte inside a planned range still fails the checksum.
-    data = bytearray(os.urandom(40 << 20))
+def test_a_stream_gives_the_files_bytes_only_once_they_match_and_names_a_mismatch(tmp_path):
+    data = bytearray(os.urandom((40 << 20) + 123))  # not a whole number of pieces or sectors
     (tmp_path / "f.bin").write_bytes(data)
     store = storage.LocalStorage(str(tmp_path))
-    good = [(0, 5 << 20), (9 << 20, 17 << 20), (30 << 20, 10 << 20)]
-    bad = [(10 << 20, 4 << 20), (39 << 20, 2 << 20), (-1, 4)]  # overlaps, past the end, before
-    stream, _ = store.stream("f.bin", len(data), xxhash.xxh3_128_hexdigest(bytes(data)))
-    with stream:
-        stream.plan(good + bad)
-        for offset, nbytes in good + bad[:1]:
-            buf = stream.take(offset, nbytes)
-            assert buf.ctypes.data % 64 == 0
-            assert buf.tobytes() == data[offset : offset + nbytes]
-        with pytest.raises(ValueError, match="outside"):
-            stream.take(39 << 20, 2 << 20)
-        assert stream.finish() is None
     original = xxhash.xxh3_128_hexdigest(bytes(data))
-    data[31 << 20] ^= 1
+    stream, problem = store.stream("f.bin", len(data), original)
+    assert problem is None
+    with stream:
+        image = stream.verified()
+        assert image.tobytes() == bytes(data)
+        assert stream.finish() is None
+    data[31 << 20] ^= 1  # a flipped byte, the size unchanged: only the checksum can tell
     (tmp_path / "f.bin").write_bytes(data)
     stream, _ = store.stream("f.bin", len(data), original)
     with stream:
-        stream.plan(good)
-        assert stream.take(30 << 20, 10 << 20).tobytes() == data[30 << 20 :]
-        assert stream.finish() == "f.bin does not match its checksum"
-
-
-def test_a_loader_that_skips_planned_ranges_neither_stalls_the_stream_nor_holds_them(tmp_path, monkeypatch):
-    # Buffers read ahead are capped; a loader waiting for a later range lifts the cap.
-    monkeypatch.setattr(storage, "_STREAM_HOLD", 1 << 20)
-    data = os.urandom(24 << 20)
-    (tmp_path / "f.bin").write_bytes(data)
-    stream, _ = storage.LocalStorage(str(tmp_path)).stream(
-        "f.bin", len(data), xxhash.xxh3_128_hexdigest(data))
-    with stream:
-        stream.plan([(i << 20, 1 << 20) for i in range(24)])
-        assert stream.take(20 << 20, 1 << 20).tobytes() == data[20 << 20 : 21 << 20]
-        assert stream.take(2 << 20, 1 << 20).tobytes() == data[2 << 20 : 3 << 20]
-        assert stream.finish() is None
-
-
-def test_a_stream_refuses_reads_outside_the_file_and_names_a_checksum_mismatch(tmp_path):
-    data = os.urandom(3 << 20)
-    (tmp_path / "f.bin").write_bytes(data)
-    store = storage.LocalStorage(str(tmp_path))
-    stream, problem = store.stream("f.bin", len(data), xxhash.xxh3_128_hexdigest(data))
-    assert problem is None
-    with stream:
-        buf = bytearray(16)
-        stream.readinto(buf, len(data) - 16)
-        assert bytes(buf) == data[-16:]
-        with pytest.raises(ValueError, match="outside"):
-            stream.readinto(bytearray(17), len(data) - 16)
-        assert stream.finish() is None
-    stream, _ = store.stream("f.bin", len(data), "0" * 32)
-    with stream:
+        with pytest.raises(storage.CorruptFile, match="f.bin does not match its checksum"):
+            stream.verified()
         assert stream.finish() == "f.bin does not match its checksum"
     assert store.stream("f.bin", len(data) + 1, "0" * 32) == (
         None, f"f.bin has {len(data)} bytes, the manifest says {len(data) + 1}")
