@@ -663,19 +663,18 @@ class Engine:
     ) -> tuple[Record, T]:
         """Load ``start`` or, if it turns out corrupt, the newest earlier record that verifies.
 
-        Each file is read once: ``load(path, stream)`` takes its bytes from the
-        :class:`~keras_ckpt.storage.StreamedRead` while it reads and checksums them, and the
-        checksum is compared when ``load`` returns (or raises: an error from a corrupt file is
-        that file's corruption, one from a good file is raised). A corrupt file's bytes may
-        already be in the framework's objects by then: a warning names it and the previous
-        checkpoint is loaded over them, completely. Records of several files (TF's) are verified
-        first and loaded with ``stream=None``.
+        Each file is read once: the :class:`~keras_ckpt.storage.StreamedRead` reads and
+        checksums it from the moment it is opened, and ``load(path, stream)`` takes its bytes
+        from :meth:`~keras_ckpt.storage.StreamedRead.verified`, which returns them only once they
+        match (so ``load`` must assign nothing before it); an error ``load`` raises for a corrupt
+        file is that file's corruption (a warning names it, the previous record is tried), one
+        from a good file is raised. Records of several files (TF's) are verified first and
+        loaded with ``stream=None``.
 
         Raises:
-            ValueError: no record from ``start`` back verifies, after ``load`` wrote into the
-                objects; starting fresh from half-loaded values would go unnoticed.
+            ValueError: no record from ``start`` back verifies (resume=True never starts fresh
+                silently).
         """
-        tried: list[str] = []
         for record in sorted(self._records, key=lambda r: r.seq, reverse=True):
             if record.seq > start.seq:
                 continue
@@ -688,7 +687,6 @@ class Engine:
                 entry = record.files[0]
                 stream, problem = self.store.stream(entry.path, entry.bytes, entry.xxh3_128)
                 if stream is not None:
-                    tried.append(record.name)
                     with stream:
                         try:
                             result = load(path, stream)
@@ -701,13 +699,10 @@ class Engine:
                             if problem is None:
                                 return record, result
             _warn_skipped(self.store, record, problem)
-        half = (f", and {', '.join(tried)} was found corrupt only while it was loaded, so the "
-                "model holds part of its values. Build the model again and pass" if tried else
-                ". Pass")
         raise ValueError(
-            f"resume: no checkpoint of {self.series} in {self.directory} verifies{half} "
-            "resume=False to start fresh (or put a good copy of a checkpoint back). "
-            "Received: resume=True"
+            f"resume: no checkpoint of {self.series} in {self.directory} verifies (nothing was "
+            "loaded). Pass resume=False to start fresh (or put a good copy of a checkpoint "
+            "back). Received: resume=True"
         )
 
 

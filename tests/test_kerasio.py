@@ -300,6 +300,40 @@ def test_load_into_weights_h5(tmp_path, kind: str) -> None:
     assert_same_state(model, fresh)
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_large_datasets_start_on_64_bytes_and_load_from_a_verified_stream(tmp_path, suffix) -> None:
+    # Resume hands TF views of the bytes it read, which TF takes only 64-byte aligned.
+    import xxhash
+
+    from keras_ckpt import storage
+
+    model = trained("nested_sequential")
+    path = tmp_path / f"m{suffix}"
+    write = _kerasio.write_keras if suffix == ".keras" else _kerasio.write_weights_h5
+    write(model, str(path), state=b"{}")
+    h5_path, base = path, 0
+    if suffix == ".keras":
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+            base = _zip.member_data_offset(f.fileno(), archive.getinfo("model.weights.h5"))
+            h5_path = tmp_path / "member.h5"
+            h5_path.write_bytes(archive.read("model.weights.h5"))
+    starts = []
+    with h5py.File(h5_path, "r") as f:
+        f.visititems(lambda name, obj: starts.append(base + obj.id.get_offset())
+                     if isinstance(obj, h5py.Dataset) and obj.nbytes >= 1 << 16 else None)
+    assert starts and all(start % 64 == 0 for start in starts), starts
+
+    data = path.read_bytes()
+    stream, problem = storage.LocalStorage(str(tmp_path)).stream(
+        path.name, len(data), xxhash.xxh3_128_hexdigest(data))
+    assert problem is None
+    fresh = make_model("nested_sequential")
+    with stream:
+        _kerasio.load_into(fresh, str(path), stream)
+        assert stream.finish() is None
+    assert_same_state(model, fresh)
+
+
 def test_read_state_of_stock_files_is_none(tmp_path) -> None:
     model = trained("nested_sequential")
     model.save_weights(str(tmp_path / "s.weights.h5"))
