@@ -35,6 +35,7 @@ Keras front-end only. The private Keras APIs it uses are resolved through
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import io
@@ -667,6 +668,7 @@ class _ReadStore(_H5IOStore):
     def __init__(self, h5_file: h5py.File, image: np.ndarray | None = None) -> None:
         self._file = h5_file
         self._image = image
+        self._lent: list[tuple[int, int]] = []  # (start, stop) of the views handed out, sorted
         super().__init__("in-memory", mode="r")
 
     def _get_h5_file(self, path_or_io: Any, mode: str | None = None) -> h5py.File:
@@ -678,7 +680,14 @@ class _ReadStore(_H5IOStore):
             return super().__getitem__(key)
         offset, dtype, shape = extent
         nbytes = dtype.itemsize * math.prod(shape)
-        array = _stream.aligned_view(self._image, offset, nbytes).view(dtype).reshape(shape)  # type: ignore[arg-type]
+        if self._overlaps_lent(offset, offset + nbytes):
+            # Two datasets over the same bytes (a crafted file): views would make two variables
+            # share memory, so this one gets a copy.
+            array = _stream.aligned_buffer(nbytes)
+            array[:] = self._image[offset : offset + nbytes]  # type: ignore[index]
+        else:
+            array = _stream.aligned_view(self._image, offset, nbytes)  # type: ignore[arg-type]
+        array = array.view(dtype).reshape(shape)
         if keras.backend.backend() == "tensorflow":
             # TF copies a NumPy array twice on the way into a variable (a defensive copy, then
             # a fresh tensor). A tensor wrapping the buffer (64-byte aligned, DLPack) is
@@ -687,6 +696,14 @@ class _ReadStore(_H5IOStore):
 
             return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
         return array
+
+    def _overlaps_lent(self, start: int, stop: int) -> bool:
+        """Whether ``[start, stop)`` overlaps a view already handed out; if not, it is one now."""
+        at = bisect.bisect(self._lent, (start, stop))
+        if (at and self._lent[at - 1][1] > start) or (at < len(self._lent) and self._lent[at][0] < stop):
+            return True
+        self._lent.insert(at, (start, stop))
+        return False
 
     def _extent(self, key: str) -> tuple[int, np.dtype, tuple[int, ...]] | None:
         """:func:`_dataset_extent` of dataset ``key`` of the current group, None if it is not one

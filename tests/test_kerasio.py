@@ -334,6 +334,17 @@ def test_large_datasets_start_on_64_bytes_and_load_from_a_verified_stream(tmp_pa
     assert_same_state(model, fresh)
 
 
+def test_datasets_over_the_same_bytes_do_not_get_views_that_share_memory() -> None:
+    # A crafted file may point two datasets at one range: only the first gets a view.
+    store = object.__new__(_kerasio._ReadStore)
+    store._lent = []
+    assert not store._overlaps_lent(100, 200)
+    assert not store._overlaps_lent(300, 400) and not store._overlaps_lent(200, 300)
+    assert store._overlaps_lent(150, 160) and store._overlaps_lent(399, 500)
+    assert store._overlaps_lent(0, 101) and not store._overlaps_lent(0, 100)
+    assert store._lent == [(0, 100), (100, 200), (200, 300), (300, 400)]
+
+
 def test_read_state_of_stock_files_is_none(tmp_path) -> None:
     model = trained("nested_sequential")
     model.save_weights(str(tmp_path / "s.weights.h5"))
