@@ -709,10 +709,11 @@ class _ReadStore(_H5IOStore):
         """:func:`_dataset_extent` of dataset ``key`` of the current group, None if it is not one
         (Keras's own read handles it)."""
         group = self._h5_entry_group
-        if not isinstance(group, h5py.Group) or "/" in key or key not in group:
+        if not isinstance(group, h5py.Group) or "/" in key:
             return None
+        # None for a missing key; Keras's read refuses soft and external links.
         if group.get(key, getclass=True, getlink=True) is not h5py.HardLink:
-            return None  # Keras's read refuses soft and external links
+            return None
         dataset = group[key]
         if not isinstance(dataset, h5py.Dataset):
             return None
