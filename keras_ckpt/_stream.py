@@ -28,6 +28,7 @@ How it keeps up with a plain cold read of the same file:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import io
 import mmap
@@ -60,6 +61,33 @@ def aligned_view(image: np.ndarray, offset: int, nbytes: int) -> np.ndarray:
     copy = aligned_buffer(nbytes)
     copy[:] = view
     return copy
+
+
+def _load_madvise() -> Any:
+    if not hasattr(os, "posix_fadvise"):  # not Linux/Unix: nothing to give back with
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_MADVISE = _load_madvise()
+_MADV_DONTNEED = 4
+
+
+def release(start: int, stop: int) -> None:
+    """Give back to the OS the memory pages lying wholly inside addresses ``[start, stop)`` of an
+    image (they read as zeros afterwards); pages shared with the bytes around are kept.
+
+    For the part of an image that was copied elsewhere while other parts stay in use as views:
+    otherwise those views keep the whole image's memory for as long as they live."""
+    first, last = -(-start // _PAGE) * _PAGE, stop // _PAGE * _PAGE
+    if _MADVISE is not None and last > first:
+        _MADVISE(first, last - first, _MADV_DONTNEED)
 
 
 class CorruptFile(OSError):

@@ -17,6 +17,7 @@ nor Keras.
 
 from __future__ import annotations
 
+import bisect
 import builtins
 import contextlib
 import inspect
@@ -478,6 +479,8 @@ class ModelCheckpoint(CheckpointAttributes):
         for name, obj in targets.items():
             if name in saved:
                 obj.load_state_dict(saved[name])
+        if isinstance(payload, _FromImage):
+            _release_copied(payload)
 
     def _adopt(self, path: str, payload: Mapping[str, Any]) -> None:
         """The training state (epoch, step, RNGs, best) of the checkpoint loaded from ``path``."""
@@ -617,6 +620,11 @@ def _load_image(image: Any) -> Any:
     """
     if not all(_compat.available(api) for api in _compat.TORCH_FAST_READ):
         return torch.load(_stream.MemoryFile(image), map_location="cpu", weights_only=True)
+    result = _load_views(image)
+    return _FromImage(result) if isinstance(result, dict) else result
+
+
+def _load_views(image: Any) -> Any:
     reader = _compat.resolve(_compat.TORCH_FILE_READER)(_stream.MemoryFile(image))  # type: ignore[operator]
     if "constants.pkl" in reader.get_all_records():
         raise RuntimeError("a TorchScript archive, not a torch.save file")
@@ -627,6 +635,40 @@ def _load_image(image: Any) -> Any:
             zip_file=reader, map_location="cpu", pickle_module=unpickler, overall_storage=whole)
     except pickle.UnpicklingError as e:
         raise pickle.UnpicklingError(str(e)) from None
+
+
+class _FromImage(dict):
+    """A payload whose tensors are views of a resume image (see :func:`_release_copied`)."""
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _release_copied(payload: Mapping[str, Any]) -> None:
+    """Give back the image memory of the model's tensors once they are copied into the
+    parameters: the optimizer's state keeps its views of the same image for the whole run, and
+    would keep the model's bytes with them (a second copy of the model). Storages that anything
+    outside the model's entry also uses are kept."""
+    def span(tensor: torch.Tensor) -> tuple[int, int]:
+        store = tensor.untyped_storage()
+        return store.data_ptr(), store.data_ptr() + store.nbytes()
+
+    kept = sorted(span(t) for key, value in payload.items() if key != "model"
+                  for t in _tensors(value) if t.device.type == "cpu")
+    for tensor in _tensors(payload["model"]):
+        start, stop = span(tensor)
+        at = bisect.bisect(kept, (start, stop))
+        if (at and kept[at - 1][1] > start) or (at < len(kept) and kept[at][0] < stop):
+            continue
+        _stream.release(start, stop)
 
 
 def _has_record(path: str, name: str) -> bool:

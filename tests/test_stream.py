@@ -154,3 +154,16 @@ def test_a_filesystem_that_opens_with_o_direct_but_refuses_the_read_falls_back(t
     monkeypatch.setattr(_stream.os, "preadv", preadv)
     with stream_of(tmp_path / "f") as stream:
         assert stream.verified().tobytes() == data
+
+
+def test_release_gives_back_only_the_pages_wholly_inside_the_range():
+    page = _stream._PAGE
+    raw = np.ones(8 * page, np.uint8)
+    base = -raw.ctypes.data % page
+    image = raw[base : base + 6 * page]
+    start = image.ctypes.data
+    _stream.release(start + 100, start + 4 * page + 100)  # pages 1, 2, 3 lie wholly inside
+    if _stream._MADVISE is None:
+        pytest.skip("no madvise here: nothing is given back")
+    assert image[: page].all() and image[4 * page :].all()
+    assert not image[page : 4 * page].any()
