@@ -728,7 +728,7 @@ def _raw(path: str, source: storage.StreamedRead | None) -> Iterator[IO[bytes]]:
         with open(path, "rb", buffering=0) as f:
             yield f
     else:
-        yield _stream.MemoryFile(source.verified())
+        yield _stream.StreamedFile(source)
 
 
 @contextlib.contextmanager

@@ -323,3 +323,11 @@ class MemoryFile(io.RawIOBase):
     def pread(self, nbytes: int, offset: int) -> bytes:
         """``nbytes`` from ``offset`` (fewer at the end), without moving the position."""
         return self._data[offset : offset + nbytes].tobytes()
+
+
+class StreamedFile(MemoryFile):
+    """A :class:`StreamedRead`'s bytes as a read-only, seekable file, for a loader that reads
+    through a file object; :class:`CorruptFile` at once if they do not match the checksum."""
+
+    def __init__(self, source: StreamedRead) -> None:
+        super().__init__(source.verified())

@@ -223,7 +223,11 @@ class Checkpointer:
         held = self._import[2] if self._import is not None and self._import[0] == path else None
         if held is not None:
             with held.stream() as stream:
-                loaded = load_file(path, stream)
+                try:
+                    loaded = load_file(path, stream)
+                except Exception:  # the loader's refusal of bytes that no longer match
+                    if stream.finish() is None:
+                        raise
                 problem = stream.finish()
             if problem is not None:
                 raise ValueError(f"resume={self.resume!r}: {path} changed after it was verified, "

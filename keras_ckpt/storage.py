@@ -30,6 +30,7 @@ from typing import IO, Callable, NamedTuple
 import xxhash
 
 from keras_ckpt._stream import CorruptFile as CorruptFile  # raised by StreamedRead.verified
+from keras_ckpt._stream import StreamedFile as StreamedFile  # a loader reading a file object
 from keras_ckpt._stream import StreamedRead
 
 TMP_PREFIX = ".keras_ckpt-tmp"
