@@ -360,8 +360,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
     def _restore(self, path: str) -> None:
         # Read once and checksummed before anything is assigned; a corrupt file is skipped for
         # the previous checkpoint.
-        path, blob = self._core.load(path, self._load_file)
-        state = json.loads(blob) if blob else None
+        path, state = self._core.load(path, self._load_file)
         if state is None:
             warnings.warn(
                 f"{path} holds no keras_ckpt training state (a stock Keras file?): restored the "
@@ -404,16 +403,19 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                 f"{'None' if self.best is None else f'{self.best:.5f}'})"
             )
 
-    def _load_file(self, path: str, source: StreamedRead | None) -> bytes | None:
+    def _load_file(self, path: str, source: StreamedRead | None) -> dict[str, Any] | None:
         """Load the model's and optimizer's variables from ``path`` (through ``source``, the
         stream that checksums it, where given: nothing is assigned before the file matched its
-        checksum); return the training state's bytes."""
+        checksum); return the training state."""
         self._check_format(path, source)
+        # Decoded first: a damaged state (whose checksum the manifest may still vouch for)
+        # must be refused before any variable is assigned.
+        state = _decode_state(path, _kerasio.read_state(path, source))
         if path.endswith(".h5") and not path.endswith(".weights.h5"):
             self._load_legacy_h5(path)
         else:
             _kerasio.load_into(self.model, path, source)
-        return _kerasio.read_state(path, source)
+        return state
 
     def _check_format(self, path: str, source: StreamedRead | None = None) -> None:
         """A ValueError naming ``resume`` for a file no Keras loader reads (e.g. a torch ``.pt``)."""
@@ -474,6 +476,21 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         finally:
             self.mode = saved
         return "max" if self.monitor_op is keras.ops.greater else "min"
+
+
+def _decode_state(path: str, blob: bytes | None) -> dict[str, Any] | None:
+    """The training state stored as ``blob`` (None: none stored); ValueError if it is not a
+    JSON object (bytes from disk are untrusted)."""
+    if not blob:
+        return None
+    try:
+        state = json.loads(blob)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
+        raise ValueError(f"{path} holds a damaged training state: not JSON ({e}).") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a damaged training state: a JSON object was expected. "
+                         f"Received: {type(state).__name__}")
+    return state
 
 
 def _write_planned(planned: _kerasio.Planned, tx: Transaction) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -221,3 +222,41 @@ def test_a_stream_gives_the_files_bytes_only_once_they_match_and_names_a_mismatc
         assert stream.finish() == "f.bin does not match its checksum"
     assert store.stream("f.bin", len(data) + 1, "0" * 32) == (
         None, f"f.bin has {len(data)} bytes, the manifest says {len(data) + 1}")
+
+
+def vouch_for(directory, name):
+    """Record ``name``'s current size and checksum in the manifest, as a hostile one would."""
+    path = os.path.join(directory, "checkpoints.json")
+    with open(path) as f:
+        data = json.load(f)
+    with open(os.path.join(directory, name), "rb") as f:
+        blob = f.read()
+    for record in data["checkpoints"]:
+        for entry in record["files"]:
+            if entry["path"] == name:
+                entry["bytes"], entry["xxh3_128"] = len(blob), xxhash.xxh3_128_hexdigest(blob)
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+@pytest.mark.parametrize("state", [b"\x9c not utf-8", b"{not json", b"[1, 2]"])
+def test_a_damaged_training_state_the_manifest_vouches_for_is_refused_before_any_weight(tmp_path, state):
+    # Harm: a .weights.h5 whose state bytes were not JSON (checksum recorded for them) loaded
+    # every weight into the model, then failed with a bare UnicodeDecodeError naming no file.
+    import h5py
+
+    template = str(tmp_path / "ck-{epoch}.weights.h5")
+    train(template, 1, save_weights_only=True)
+    with h5py.File(tmp_path / "ck-1.weights.h5", "r+") as f:
+        del f["keras_ckpt/state.json"]
+        f["keras_ckpt/state.json"] = np.frombuffer(state, np.uint8)
+    vouch_for(str(tmp_path), "ck-1.weights.h5")
+
+    model = big_model()
+    before = values(model)
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=True, resume=True)
+    ckpt.set_model(model)
+    with pytest.raises(ValueError, match=r"ck-1\.weights\.h5 holds a damaged training state"):
+        ckpt.on_train_begin()
+    for got, want in zip(values(model), before):
+        np.testing.assert_array_equal(got, want)  # nothing of the file reached the model
