@@ -672,9 +672,15 @@ def _release_copied(payload: Mapping[str, Any]) -> None:
 
 
 def _has_record(path: str, name: str) -> bool:
-    with contextlib.suppress(zipfile.BadZipFile, OSError), zipfile.ZipFile(path) as z:
-        return any(n.rsplit("/", 1)[-1] == name for n in z.namelist())
-    return False
+    """Whether the zip archive at ``path`` has a record ``name``; True for one whose record
+    names cannot be decoded (a damaged torch.save file, not another format)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.rsplit("/", 1)[-1] == name for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+    except UnicodeDecodeError:
+        return True
 
 
 def _check_stateful(name: str, obj: Any) -> None:

@@ -260,3 +260,33 @@ def test_a_damaged_training_state_the_manifest_vouches_for_is_refused_before_any
         ckpt.on_train_begin()
     for got, want in zip(values(model), before):
         np.testing.assert_array_equal(got, want)  # nothing of the file reached the model
+
+
+def test_torch_a_record_name_that_is_not_utf8_is_a_damaged_file_naming_it(tmp_path):
+    # Harm: a .pt whose central directory (checksum vouched for) named a record in bytes that
+    # are not UTF-8 failed with a bare UnicodeDecodeError naming no file.
+    torch = pytest.importorskip("torch")
+    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 1)
+        return model, torch.optim.Adam(model.parameters())
+
+    template = str(tmp_path / "c-{epoch}.pt")
+    model, opt = build()
+    ckpt = TorchCheckpoint(template, model=model, optimizer=opt)
+    ckpt.on_train_begin()
+    ckpt.on_epoch_end(0)
+    ckpt.on_train_end()
+    path = tmp_path / "c-1.pt"
+    blob = bytearray(path.read_bytes())
+    blob[blob.rindex(b"data.pkl")] = 0x90  # in the central directory, flagged UTF-8 by torch
+    path.write_bytes(bytes(blob))
+    vouch_for(str(tmp_path), "c-1.pt")
+
+    model2, opt2 = build()
+    again = TorchCheckpoint(template, model=model2, optimizer=opt2, resume=True)
+    with pytest.raises(ValueError, match=r"c-1\.pt is a damaged torch\.save file"):
+        again.on_train_begin()
+    again.on_train_end()
