@@ -759,8 +759,11 @@ def _weights(
         if image is not None:
             image = image[base : base + length]
         if h5_file is None:
-            h5_file = h5py.File(_stream.MemoryFile(image) if image is not None
-                                else _Window(raw.fileno(), base, length), "r")
+            try:
+                h5_file = h5py.File(_stream.MemoryFile(image) if image is not None
+                                    else _Window(raw.fileno(), base, length), "r")
+            except OSError as e:  # h5py's refusal of a damaged superblock names no file
+                raise ValueError(f"{path} is a damaged HDF5 file ({e}); nothing was loaded") from None
         with h5_file:
             yield h5_file, image
 
@@ -791,6 +794,7 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
         _load_with_keras(model, path, source)
         return
     with _weights(path, source) as (h5_file, image):
+        _check_datasets(path, h5_file, image)
         # A file saved without the optimizer keeps the optimizer's fresh state, without
         # Keras's variable-count warning.
         skip = {id(optimizer)} if optimizer is not None and _OPTIMIZER_PATH not in h5_file else set()
@@ -808,6 +812,20 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
     _repair_skipset_cache()
     if failed:
         _compat.resolve(_compat.KERAS_RAISE_LOADING_FAILURE)(errors)
+
+
+def _check_datasets(path: str, h5_file: h5py.File, image: np.ndarray | None) -> None:
+    """Open every dataset (and, read in place, check where its bytes lie) before anything is
+    assigned: Keras assigns layer by layer, so damaged metadata found midway would leave a
+    partly loaded model."""
+    def check(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and image is not None:
+            _dataset_extent(obj, len(image))
+
+    try:
+        h5_file.visititems(check)
+    except (OSError, KeyError, RuntimeError, ValueError) as e:  # h5py's, and _dataset_extent's
+        raise ValueError(f"{path} is a damaged HDF5 file ({e}); nothing was loaded") from None
 
 
 def _load_with_keras(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:

@@ -290,3 +290,46 @@ def test_torch_a_record_name_that_is_not_utf8_is_a_damaged_file_naming_it(tmp_pa
     with pytest.raises(ValueError, match=r"c-1\.pt is a damaged torch\.save file"):
         again.on_train_begin()
     again.on_train_end()
+
+
+def test_a_dataset_address_past_the_end_is_refused_before_any_weight(tmp_path):
+    # Harm: a .weights.h5 (checksum vouched for) whose last optimizer variable's data address
+    # lay past the end of the file loaded every layer before it, then failed: a partly loaded
+    # model, and an error naming no file.
+    import struct
+
+    import h5py
+
+    template = str(tmp_path / "ck-{epoch}.weights.h5")
+    train(template, 1, save_weights_only=True)
+    path = tmp_path / "ck-1.weights.h5"
+    with h5py.File(path, "r") as f:
+        last = sorted(f["optimizer/vars"], key=int)[-1]
+        address = f["optimizer/vars"][last].id.get_offset()
+    blob = bytearray(path.read_bytes())
+    at = blob.index(struct.pack("<Q", address))  # the dataset's layout message
+    blob[at : at + 8] = struct.pack("<Q", len(blob) + 4096)
+    path.write_bytes(bytes(blob))
+    vouch_for(str(tmp_path), "ck-1.weights.h5")
+
+    model = big_model()
+    before = values(model)
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=True, resume=True)
+    ckpt.set_model(model)
+    with pytest.raises(ValueError, match=r"ck-1\.weights\.h5 is a damaged HDF5 file"):
+        ckpt.on_train_begin()
+    for got, want in zip(values(model), before):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_hdf5_file_cut_short_that_the_manifest_vouches_for_is_a_value_error_naming_it(tmp_path):
+    # Harm: h5py's bare OSError ("truncated file: eof = ...") naming no file.
+    template = str(tmp_path / "ck-{epoch}.weights.h5")
+    train(template, 1, save_weights_only=True)
+    path = tmp_path / "ck-1.weights.h5"
+    path.write_bytes(path.read_bytes()[:-1])
+    vouch_for(str(tmp_path), "ck-1.weights.h5")
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=True, resume=True)
+    ckpt.set_model(big_model())
+    with pytest.raises(ValueError, match=r"ck-1\.weights\.h5 is a damaged HDF5 file"):
+        ckpt.on_train_begin()
