@@ -629,12 +629,35 @@ def _load_views(image: Any) -> Any:
     if "constants.pkl" in reader.get_all_records():
         raise RuntimeError("a TorchScript archive, not a torch.save file")
     whole = torch.frombuffer(image, dtype=torch.uint8).untyped_storage()
+    _check_records_apart(image)
     unpickler = _compat.resolve(_compat.TORCH_WEIGHTS_ONLY_UNPICKLER)
     try:
-        return _compat.resolve(_compat.TORCH_LOAD)(  # type: ignore[operator]
+        result = _compat.resolve(_compat.TORCH_LOAD)(  # type: ignore[operator]
             zip_file=reader, map_location="cpu", pickle_module=unpickler, overall_storage=whole)
     except pickle.UnpicklingError as e:
         raise pickle.UnpicklingError(str(e)) from None
+    # A storage is a view of the image as long as the pickle says, not its record's size.
+    spans = sorted({(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                    for t in _tensors(result)})
+    _refuse_overlap(spans, "tensor storages")
+    return result
+
+
+def _check_records_apart(image: Any) -> None:
+    """RuntimeError if two records' bytes overlap (a crafted central directory): their tensors
+    would be views of the same memory, so that updating one writes the other."""
+    source = _stream.MemoryFile(image)
+    with zipfile.ZipFile(source) as archive:
+        spans = sorted((_zip.member_data_offset(source.pread, info), info.file_size)
+                       for info in archive.infolist())
+    _refuse_overlap(spans, "records")
+
+
+def _refuse_overlap(spans: list[tuple[int, int]], what: str) -> None:
+    """RuntimeError if any two of the sorted ``(start, nbytes)`` spans share a byte."""
+    for (start, nbytes), (following, size) in itertools.pairwise(spans):
+        if size and following < start + nbytes:
+            raise RuntimeError(f"two {what} of the archive overlap at byte {following}")
 
 
 class _FromImage(dict):

@@ -333,3 +333,44 @@ def test_an_hdf5_file_cut_short_that_the_manifest_vouches_for_is_a_value_error_n
     ckpt.set_model(big_model())
     with pytest.raises(ValueError, match=r"ck-1\.weights\.h5 is a damaged HDF5 file"):
         ckpt.on_train_begin()
+
+
+def test_torch_records_that_overlap_are_refused_not_shared_by_two_optimizer_slots(tmp_path):
+    # Harm: a .pt (checksum vouched for) whose central directory pointed exp_avg_sq's record at
+    # exp_avg's bytes loaded both slots as views of the same memory: every Adam step then wrote
+    # one over the other (stock torch.load reads each record into a storage of its own).
+    import struct
+    import zipfile
+
+    torch = pytest.importorskip("torch")
+    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(256, 256)
+        return model, torch.optim.Adam(model.parameters())
+
+    template = str(tmp_path / "c-{epoch}.pt")
+    model, opt = build()
+    ckpt = TorchCheckpoint(template, model=model, optimizer=opt)
+    ckpt.on_train_begin()
+    model(torch.ones(4, 256)).sum().backward()
+    opt.step()
+    ckpt.on_epoch_end(0)
+    ckpt.on_train_end()
+    path = tmp_path / "c-1.pt"
+    with zipfile.ZipFile(path) as z:
+        weight, first, second = sorted(
+            (i for i in z.infolist() if i.file_size == 256 * 256 * 4), key=lambda i: i.header_offset)
+    blob = bytearray(path.read_bytes())
+    entry = blob.rindex(second.filename.encode()) - 46  # its central directory entry
+    blob[entry + 42 : entry + 46] = struct.pack("<I", first.header_offset)
+    path.write_bytes(bytes(blob))
+    vouch_for(str(tmp_path), "c-1.pt")
+
+    model2, opt2 = build()
+    again = TorchCheckpoint(template, model=model2, optimizer=opt2, resume=True)
+    with pytest.raises(ValueError, match=r"c-1\.pt is a damaged torch\.save file"):
+        again.on_train_begin()
+    again.on_train_end()
+    assert not opt2.state  # nothing loaded
