@@ -68,6 +68,24 @@ def scalar_logs(logs: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def check_state(path: str, state: Mapping[str, Any] | None) -> None:
+    """ValueError naming ``path`` if the training state's counters are damaged; front-ends call
+    it before assigning anything, so that a refused file leaves no variable loaded."""
+    if state is not None and not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a damaged training state: a mapping was expected. "
+                         f"Received: {type(state).__name__}")
+    for key in ("epoch", "step", "batch"):
+        value = (state or {}).get(key, None if key == "batch" else 0)
+        # A mid-epoch resume skips ``batch`` + 1 batches: garbage here would train the wrong
+        # batches (or fail deep inside the framework), so the file is refused before training.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise ValueError(
+                f"{path} holds a damaged training state: {key} must be a non-negative "
+                f"integer{' or None' if key == 'batch' else ''}. Received: {key}={value!r}"
+            )
+
+
 class Checkpointer:
     """Framework-neutral core of a ``ModelCheckpoint``.
 
@@ -283,16 +301,7 @@ class Checkpointer:
         self.restored_state = dict(state) if state else None
         if not state:
             return
-        for key in ("epoch", "step", "batch"):
-            value = state.get(key, None if key == "batch" else 0)
-            # A mid-epoch resume skips ``batch`` + 1 batches: garbage here would train the wrong
-            # batches (or fail deep inside the framework), so the file is refused before training.
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 0):
-                raise ValueError(
-                    f"{path} holds a damaged training state: {key} must be a non-negative "
-                    f"integer{' or None' if key == 'batch' else ''}. Received: {key}={value!r}"
-                )
+        check_state(path, state)
         self.epochs_done = int(state.get("epoch", 0))
         self.step = int(state.get("step", 0))
         batch = state.get("batch")

@@ -16,7 +16,7 @@ import numpy as np
 
 from keras_ckpt import _callbacks, _compat, _fastforward, _kerasio, rng
 from keras_ckpt._async import ReusableBuffers
-from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer, Payload
+from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer, Payload, check_state
 from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
@@ -411,6 +411,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         # Decoded first: a damaged state (whose checksum the manifest may still vouch for)
         # must be refused before any variable is assigned.
         state = _decode_state(path, _kerasio.read_state(path, source))
+        check_state(path, state)
         if path.endswith(".h5") and not path.endswith(".weights.h5"):
             self._load_legacy_h5(path)
         else:

@@ -37,7 +37,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from keras_ckpt import _compat, _stream, _zip, rng, storage
 from keras_ckpt._async import ReusableBuffers
-from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer, Payload
+from keras_ckpt.checkpointer import CheckpointAttributes, Checkpointer, Payload, check_state
 from keras_ckpt.config import CheckpointConfig, check_filepath
 from keras_ckpt.engine import Transaction
 from keras_ckpt.policy import UNSET
@@ -271,6 +271,7 @@ class ModelCheckpoint(CheckpointAttributes):
                 # Read once, checksummed while it loads; the previous one if it is corrupt. Only
                 # a verified payload reaches the objects, so a corrupt one leaves nothing in them.
                 path, payload = self._core.load(path, self._load_file)
+                check_state(path, payload.get("training_state"))  # before anything is assigned
                 self._assign(path, payload)
                 self._adopt(path, payload)
             except BaseException:

@@ -239,7 +239,7 @@ def vouch_for(directory, name):
         json.dump(data, f)
 
 
-@pytest.mark.parametrize("state", [b"\x9c not utf-8", b"{not json", b"[1, 2]"])
+@pytest.mark.parametrize("state", [b"\x9c not utf-8", b"{not json", b"[1, 2]", b'{"epoch": -3}'])
 def test_a_damaged_training_state_the_manifest_vouches_for_is_refused_before_any_weight(tmp_path, state):
     # Harm: a .weights.h5 whose state bytes were not JSON (checksum recorded for them) loaded
     # every weight into the model, then failed with a bare UnicodeDecodeError naming no file.
@@ -374,3 +374,38 @@ def test_torch_records_that_overlap_are_refused_not_shared_by_two_optimizer_slot
         again.on_train_begin()
     again.on_train_end()
     assert not opt2.state  # nothing loaded
+
+
+@pytest.mark.parametrize("state", [[1, 2], {"epoch": -3}])
+def test_torch_a_damaged_training_state_is_refused_before_any_tensor(tmp_path, state):
+    # Harm: the model and optimizer were loaded from the file, then the state was refused.
+    torch = pytest.importorskip("torch")
+    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 1)
+        return model, torch.optim.Adam(model.parameters())
+
+    template = str(tmp_path / "c-{epoch}.pt")
+    model, opt = build()
+    ckpt = TorchCheckpoint(template, model=model, optimizer=opt)
+    ckpt.on_train_begin()
+    model(torch.ones(2, 8)).sum().backward()
+    opt.step()
+    ckpt.on_epoch_end(0)
+    ckpt.on_train_end()
+    path = tmp_path / "c-1.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["training_state"] = state
+    torch.save(payload, path)
+    vouch_for(str(tmp_path), "c-1.pt")
+
+    model2, opt2 = build()
+    before = {k: v.clone() for k, v in model2.state_dict().items()}
+    again = TorchCheckpoint(template, model=model2, optimizer=opt2, resume=True)
+    with pytest.raises(ValueError, match=r"c-1\.pt holds a damaged training state"):
+        again.on_train_begin()
+    again.on_train_end()
+    assert all(torch.equal(v, before[k]) for k, v in model2.state_dict().items())
+    assert not opt2.state
