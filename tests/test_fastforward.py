@@ -113,7 +113,7 @@ def test_a_damaged_batch_number_is_refused_before_training(tmp_path, mid_epoch_c
     model = _model()
     with pytest.raises(ValueError, match="batch must be a non-negative integer"):
         _fit(tmp_path / "c", resume=bare, model=model)
-    assert _iterations(model) == 12  # restored, then refused: nothing trained
+    assert _iterations(model) == 0  # refused before anything was loaded, nothing trained
 
 
 @pytest.mark.parametrize("epoch_rng", ["garbage", [1, 2], {"rng": "x"},
