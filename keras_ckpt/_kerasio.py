@@ -663,11 +663,16 @@ class _ReadStore(_H5IOStore):
     Args:
         h5_file: the weights, open.
         image: the HDF5 file's bytes, or None (h5py reads everything).
+        extents: :func:`_dataset_extent` of the file's datasets by path (:func:`_check_datasets`).
     """
 
-    def __init__(self, h5_file: h5py.File, image: np.ndarray | None = None) -> None:
+    def __init__(
+        self, h5_file: h5py.File, image: np.ndarray | None = None,
+        extents: Mapping[str, tuple[int, np.dtype, tuple[int, ...]] | None] | None = None,
+    ) -> None:
         self._file = h5_file
         self._image = image
+        self._extents = extents or {}
         self._lent: list[tuple[int, int]] = []  # (start, stop) of the views handed out, sorted
         super().__init__("in-memory", mode="r")
 
@@ -711,13 +716,9 @@ class _ReadStore(_H5IOStore):
         group = self._h5_entry_group
         if not isinstance(group, h5py.Group) or "/" in key:
             return None
-        # None for a missing key; Keras's read refuses soft and external links.
-        if group.get(key, getclass=True, getlink=True) is not h5py.HardLink:
-            return None
-        dataset = group[key]
-        if not isinstance(dataset, h5py.Dataset):
-            return None
-        return _dataset_extent(dataset, len(self._image))  # type: ignore[arg-type]
+        # Paths as the visit of hard links found them: a soft or external link (which Keras's
+        # read refuses) or a second hard link to a dataset is not among them.
+        return self._extents.get(f"{group.name.rstrip('/')}/{key}")
 
 
 @contextlib.contextmanager
@@ -794,7 +795,7 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
         _load_with_keras(model, path, source)
         return
     with _weights(path, source) as (h5_file, image):
-        _check_datasets(path, h5_file, image)
+        extents = _check_datasets(path, h5_file, image)
         # A file saved without the optimizer keeps the optimizer's fresh state, without
         # Keras's variable-count warning.
         skip = {id(optimizer)} if optimizer is not None and _OPTIMIZER_PATH not in h5_file else set()
@@ -802,7 +803,7 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
         errors: dict[int, Any] = {}
         _compat.resolve(_compat.KERAS_LOAD_STATE)(
             model,
-            weights_store=_ReadStore(h5_file, image),
+            weights_store=_ReadStore(h5_file, image, extents),
             assets_store=None,
             inner_path="",
             visited_saveables=skip,
@@ -814,18 +815,24 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
         _compat.resolve(_compat.KERAS_RAISE_LOADING_FAILURE)(errors)
 
 
-def _check_datasets(path: str, h5_file: h5py.File, image: np.ndarray | None) -> None:
+def _check_datasets(
+    path: str, h5_file: h5py.File, image: np.ndarray | None,
+) -> dict[str, tuple[int, np.dtype, tuple[int, ...]] | None]:
     """Open every dataset (and, read in place, check where its bytes lie) before anything is
     assigned: Keras assigns layer by layer, so damaged metadata found midway would leave a
-    partly loaded model."""
+    partly loaded model. Returns each dataset's :func:`_dataset_extent` by its path (read in
+    place; else {}), for :class:`_ReadStore`, which so opens none of them again."""
+    extents: dict[str, tuple[int, np.dtype, tuple[int, ...]] | None] = {}
+
     def check(name: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset) and image is not None:
-            _dataset_extent(obj, len(image))
+            extents["/" + name] = _dataset_extent(obj, len(image))
 
     try:
         h5_file.visititems(check)
     except (OSError, KeyError, RuntimeError, ValueError) as e:  # h5py's, and _dataset_extent's
         raise ValueError(f"{path} is a damaged HDF5 file ({e}); nothing was loaded") from None
+    return extents
 
 
 def _load_with_keras(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:
