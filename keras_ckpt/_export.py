@@ -21,7 +21,6 @@ only when asked. Frameworks (h5py, torch) are imported here, only when their for
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import zipfile
@@ -30,6 +29,7 @@ from typing import IO, Any
 
 from keras_ckpt import _zip, storage
 from keras_ckpt import manifest as mf
+from keras_ckpt._fileobj import Positioned
 from keras_ckpt.engine import in_flight, verify
 from keras_ckpt.manifest import Manifest, Record
 
@@ -207,7 +207,7 @@ def _member_info(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
     return new
 
 
-class _Window(io.RawIOBase):
+class _Window(Positioned):
     """``[start, start + length)`` of an open file as a seekable file (a stored zip member).
 
     h5py seeks often; ``zipfile``'s member reader rereads from the start on a backward seek.
@@ -217,19 +217,8 @@ class _Window(io.RawIOBase):
         super().__init__()
         self._f, self._start, self._length, self._pos = f, start, length, 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
+    def _end(self) -> int:
+        return self._length
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")

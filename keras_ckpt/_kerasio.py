@@ -53,6 +53,7 @@ import numpy as np
 
 from keras_ckpt import _compat, _stream, _zip, storage
 from keras_ckpt._async import ReusableBuffers, copy_all
+from keras_ckpt._fileobj import Positioned
 
 __all__ = [
     "ARRAYS_GROUP",
@@ -122,30 +123,7 @@ _DATA_ALIGN = 64
 # --- Planning the HDF5 file -------------------------------------------------------------------
 
 
-class _Positioned(io.RawIOBase):
-    """A readable, seekable file object that keeps its own position over ``_end()`` bytes."""
-
-    _pos = 0
-
-    def _end(self) -> int:
-        raise NotImplementedError
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._end()}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-
-class _SparseImage(_Positioned):
+class _SparseImage(Positioned):
     """Writable, seekable in-memory file that stores only the pages written to it.
 
     h5py writes an HDF5 file into it through its ``fileobj`` driver. Dataset storage that was
@@ -592,7 +570,7 @@ def read_arrays(path: str, source: storage.StreamedRead | None = None) -> dict[s
     return found
 
 
-class _Window(_Positioned):
+class _Window(Positioned):
     """Read-only view of ``[start, start + length)`` of a file, as a file of its own.
 
     h5py reads a stored zip member through it in place. Keras's own route reads through

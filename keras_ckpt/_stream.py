@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import io
 import mmap
 import os
 import threading
@@ -38,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import xxhash
+
+from keras_ckpt._fileobj import Positioned
 
 _PIECE = 8 << 20  # a multiple of every sector size O_DIRECT may require (512 B, 4 KiB)
 _READERS = 2
@@ -291,7 +292,7 @@ class StreamedRead:
         self.close()
 
 
-class MemoryFile(io.RawIOBase):
+class MemoryFile(Positioned):
     """A read-only, seekable binary file over a uint8 array (a verified image), for readers
     that take a file object (h5py, zipfile, torch's zip reader). Reads copy only what is read."""
 
@@ -299,19 +300,8 @@ class MemoryFile(io.RawIOBase):
         super().__init__()
         self._data, self._pos = data, 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
+    def _end(self) -> int:
+        return len(self._data)
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")

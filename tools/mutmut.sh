@@ -16,7 +16,7 @@ VENV=${MUTVENV:-/tmp/mutvenv}
   "$VENV/bin/pip" install -q "mutmut>=3,<4" pytest hypothesis numpy xxhash
 }
 rm -rf "$WORK" && mkdir -p "$WORK/keras_ckpt" "$WORK/tests"
-cp "$SRC"/keras_ckpt/{__init__,_version,storage,policy,manifest}.py "$WORK/keras_ckpt/"
+cp "$SRC"/keras_ckpt/{__init__,_version,_fileobj,_stream,storage,policy,manifest}.py "$WORK/keras_ckpt/"
 cp "$SRC"/tests/{conftest,test_policy,test_manifest}.py "$WORK/tests/"
 cat > "$WORK/setup.cfg" <<'CFG'
 [mutmut]
@@ -26,6 +26,8 @@ source_paths =
 also_copy =
     keras_ckpt/__init__.py
     keras_ckpt/_version.py
+    keras_ckpt/_fileobj.py
+    keras_ckpt/_stream.py
     keras_ckpt/storage.py
 pytest_add_cli_args_test_selection =
     tests/test_policy.py
