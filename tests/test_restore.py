@@ -38,6 +38,41 @@ def values(model):
     return [np.array(v.numpy()) for v in model.weights + model.optimizer.variables]
 
 
+def _torch_saved_once(tmp_path, inputs: int, outputs: int, step: bool = True):
+    """A torch shim run (one Adam step unless ``step=False``) saved as c-1.pt; returns
+    ``build`` (the same fresh model and optimizer each call), the filepath template and the file."""
+    torch = pytest.importorskip("torch")
+    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(inputs, outputs)
+        return model, torch.optim.Adam(model.parameters())
+
+    template = str(tmp_path / "c-{epoch}.pt")
+    model, opt = build()
+    ckpt = TorchCheckpoint(template, model=model, optimizer=opt)
+    ckpt.on_train_begin()
+    if step:
+        model(torch.ones(2, inputs)).sum().backward()
+        opt.step()
+    ckpt.on_epoch_end(0)
+    ckpt.on_train_end()
+    return build, template, tmp_path / "c-1.pt"
+
+
+def _torch_resume_refused(build, template, match: str):
+    """A fresh model and optimizer after ``resume=True`` refused with ``match``."""
+    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
+
+    model, opt = build()
+    again = TorchCheckpoint(template, model=model, optimizer=opt, resume=True)
+    with pytest.raises(ValueError, match=match):
+        again.on_train_begin()
+    again.on_train_end()
+    return model, opt
+
+
 def flip_middle_byte(path):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
@@ -265,31 +300,12 @@ def test_a_damaged_training_state_the_manifest_vouches_for_is_refused_before_any
 def test_torch_a_record_name_that_is_not_utf8_is_a_damaged_file_naming_it(tmp_path):
     # Harm: a .pt whose central directory (checksum vouched for) named a record in bytes that
     # are not UTF-8 failed with a bare UnicodeDecodeError naming no file.
-    torch = pytest.importorskip("torch")
-    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
-
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(8, 1)
-        return model, torch.optim.Adam(model.parameters())
-
-    template = str(tmp_path / "c-{epoch}.pt")
-    model, opt = build()
-    ckpt = TorchCheckpoint(template, model=model, optimizer=opt)
-    ckpt.on_train_begin()
-    ckpt.on_epoch_end(0)
-    ckpt.on_train_end()
-    path = tmp_path / "c-1.pt"
+    build, template, path = _torch_saved_once(tmp_path, 8, 1, step=False)
     blob = bytearray(path.read_bytes())
     blob[blob.rindex(b"data.pkl")] = 0x90  # in the central directory, flagged UTF-8 by torch
     path.write_bytes(bytes(blob))
     vouch_for(str(tmp_path), "c-1.pt")
-
-    model2, opt2 = build()
-    again = TorchCheckpoint(template, model=model2, optimizer=opt2, resume=True)
-    with pytest.raises(ValueError, match=r"c-1\.pt is a damaged torch\.save file"):
-        again.on_train_begin()
-    again.on_train_end()
+    _torch_resume_refused(build, template, r"c-1\.pt is a damaged torch\.save file")
 
 
 def test_a_dataset_address_past_the_end_is_refused_before_any_weight(tmp_path):
@@ -342,23 +358,7 @@ def test_torch_records_that_overlap_are_refused_not_shared_by_two_optimizer_slot
     import struct
     import zipfile
 
-    torch = pytest.importorskip("torch")
-    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
-
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(256, 256)
-        return model, torch.optim.Adam(model.parameters())
-
-    template = str(tmp_path / "c-{epoch}.pt")
-    model, opt = build()
-    ckpt = TorchCheckpoint(template, model=model, optimizer=opt)
-    ckpt.on_train_begin()
-    model(torch.ones(4, 256)).sum().backward()
-    opt.step()
-    ckpt.on_epoch_end(0)
-    ckpt.on_train_end()
-    path = tmp_path / "c-1.pt"
+    build, template, path = _torch_saved_once(tmp_path, 256, 256)
     with zipfile.ZipFile(path) as z:
         weight, first, second = sorted(
             (i for i in z.infolist() if i.file_size == 256 * 256 * 4), key=lambda i: i.header_offset)
@@ -367,45 +367,20 @@ def test_torch_records_that_overlap_are_refused_not_shared_by_two_optimizer_slot
     blob[entry + 42 : entry + 46] = struct.pack("<I", first.header_offset)
     path.write_bytes(bytes(blob))
     vouch_for(str(tmp_path), "c-1.pt")
-
-    model2, opt2 = build()
-    again = TorchCheckpoint(template, model=model2, optimizer=opt2, resume=True)
-    with pytest.raises(ValueError, match=r"c-1\.pt is a damaged torch\.save file"):
-        again.on_train_begin()
-    again.on_train_end()
-    assert not opt2.state  # nothing loaded
+    _, opt = _torch_resume_refused(build, template, r"c-1\.pt is a damaged torch\.save file")
+    assert not opt.state  # nothing loaded
 
 
 @pytest.mark.parametrize("state", [[1, 2], {"epoch": -3}])
 def test_torch_a_damaged_training_state_is_refused_before_any_tensor(tmp_path, state):
     # Harm: the model and optimizer were loaded from the file, then the state was refused.
     torch = pytest.importorskip("torch")
-    from keras_ckpt.torch import ModelCheckpoint as TorchCheckpoint
-
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Linear(8, 1)
-        return model, torch.optim.Adam(model.parameters())
-
-    template = str(tmp_path / "c-{epoch}.pt")
-    model, opt = build()
-    ckpt = TorchCheckpoint(template, model=model, optimizer=opt)
-    ckpt.on_train_begin()
-    model(torch.ones(2, 8)).sum().backward()
-    opt.step()
-    ckpt.on_epoch_end(0)
-    ckpt.on_train_end()
-    path = tmp_path / "c-1.pt"
+    build, template, path = _torch_saved_once(tmp_path, 8, 1)
     payload = torch.load(path, weights_only=True)
     payload["training_state"] = state
     torch.save(payload, path)
     vouch_for(str(tmp_path), "c-1.pt")
-
-    model2, opt2 = build()
-    before = {k: v.clone() for k, v in model2.state_dict().items()}
-    again = TorchCheckpoint(template, model=model2, optimizer=opt2, resume=True)
-    with pytest.raises(ValueError, match=r"c-1\.pt holds a damaged training state"):
-        again.on_train_begin()
-    again.on_train_end()
-    assert all(torch.equal(v, before[k]) for k, v in model2.state_dict().items())
-    assert not opt2.state
+    model, opt = _torch_resume_refused(build, template, r"c-1\.pt holds a damaged training state")
+    fresh = build()[0].state_dict()  # build() seeds: the model as it was before the resume
+    assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
+    assert not opt.state
