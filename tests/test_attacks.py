@@ -125,10 +125,17 @@ def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
     d = str(tmp_path / "ck")
     e = make_engine(d)
     save(e, 1, 0.5)
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # a worker that outlives the training phase
+        # The at-fork handlers have run by now; the parent goes on only then (on a loaded
+        # machine the child could otherwise still hold the inherited descriptor).
+        os.write(ready_w, b"x")
         time.sleep(60)
         os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"x"
+    os.close(ready_r)
     try:
         save(e, 2, 0.4)
         e.close()
