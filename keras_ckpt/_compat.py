@@ -78,6 +78,17 @@ KERAS_LOAD_STATE = PrivateAPI(
 KERAS_RAISE_LOADING_FAILURE = PrivateAPI(
     "keras", _SAVING_LIB, "_raise_loading_failure", ("error_msgs",), _FAST_READ, _READ_FALLBACK
 )
+_DEFERRED_READ = ("_kerasio.load_into: which saveables' loaders only assign variables, so they "
+                  "run while the file is still being read, their assigns held back until the "
+                  "checksum matched")
+_DEFERRED_FALLBACK = "the variables are loaded after the checksum, one by one"
+KERAS_WALK_SAVEABLE = PrivateAPI(
+    "keras", _SAVING_LIB, "_walk_saveable", ("saveable",), _DEFERRED_READ, _DEFERRED_FALLBACK
+)
+KERAS_SAVEABLE = PrivateAPI(
+    "keras", "keras.src.saving.keras_saveable", "KerasSaveable", (), _DEFERRED_READ,
+    _DEFERRED_FALLBACK,
+)
 KERAS_VARS_FNAME_H5 = PrivateAPI(
     "keras", _SAVING_LIB, "_VARS_FNAME_H5", (), "_kerasio: the weights member's name",
     _FORMAT_NAME,
@@ -164,7 +175,8 @@ KERAS: tuple[PrivateAPI, ...] = (
     KERAS_METADATA_FILENAME, KERAS_ASSETS_DIRNAME, KERAS_SAVE_OWN_VARIABLES,
     KERAS_GLOBAL_STATE_TRACKER, KERAS_GET_GLOBAL_ATTRIBUTE, KERAS_SET_GLOBAL_ATTRIBUTE,
     KERAS_GLOBAL_SEED_GENERATOR, KERAS_PRINT_MSG, KERAS_SET_MONITOR_OP, KERAS_INITIAL_EPOCH,
-    KERAS_CALLBACK_LIST, KERAS_EPOCH_ITERATOR, KERAS_SYMBOLIC_BUILD,
+    KERAS_CALLBACK_LIST, KERAS_EPOCH_ITERATOR, KERAS_SYMBOLIC_BUILD, KERAS_WALK_SAVEABLE,
+    KERAS_SAVEABLE,
 )
 KERAS_FAST_WRITE: tuple[PrivateAPI, ...] = (
     KERAS_SAVE_STATE, KERAS_SERIALIZE_MODEL, KERAS_DISK_IO_STORE, KERAS_H5_IO_STORE,

@@ -45,7 +45,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, NamedTuple
 
 import h5py
 import keras
@@ -544,8 +544,8 @@ def read_state(path: str, source: storage.StreamedRead | None = None) -> bytes |
     In every format it is the dataset :data:`STATE_MEMBER` of the HDF5 weights (in a ``.keras``
     archive: inside ``model.weights.h5``, read in place).
     """
-    with _weights(path, source) as (h5_file, _):
-        dataset = h5_file.get(STATE_MEMBER)
+    with _weights(path, source) as weights:
+        dataset = weights.file.get(STATE_MEMBER)
         if not isinstance(dataset, h5py.Dataset):
             return None
         return np.asarray(dataset[()], dtype=np.uint8).tobytes()
@@ -553,15 +553,15 @@ def read_state(path: str, source: storage.StreamedRead | None = None) -> bytes |
 
 def holds_optimizer(path: str, source: storage.StreamedRead | None = None) -> bool:
     """Whether the ``.keras``, ``.weights.h5`` or legacy ``.h5`` file holds optimizer variables."""
-    with _weights(path, source) as (h5_file, _):
-        return _OPTIMIZER_PATH in h5_file or _LEGACY_OPTIMIZER_PATH in h5_file
+    with _weights(path, source) as weights:
+        return _OPTIMIZER_PATH in weights.file or _LEGACY_OPTIMIZER_PATH in weights.file
 
 
 def read_arrays(path: str, source: storage.StreamedRead | None = None) -> dict[str, np.ndarray]:
     """The arrays the training state refers to (:data:`ARRAYS_GROUP`), by name; {} if none."""
     found: dict[str, np.ndarray] = {}
-    with _weights(path, source) as (h5_file, _):
-        group = h5_file.get(ARRAYS_GROUP)
+    with _weights(path, source) as weights:
+        group = weights.file.get(ARRAYS_GROUP)
         if isinstance(group, h5py.Group):
             group.visititems(
                 lambda name, obj: found.__setitem__(name, obj[()])
@@ -629,6 +629,21 @@ def _dataset_extent(dataset: h5py.Dataset, length: int) -> tuple[int, np.dtype, 
     return offset, dtype, shape
 
 
+class _Weights(NamedTuple):
+    file: h5py.File
+    image: np.ndarray | None  # the HDF5 file's bytes in memory, as they arrive
+    wait_for: Callable[[int, int], None]  # returns once image[start:stop] has arrived
+
+
+def _arrived(start: int, stop: int) -> None:
+    """:attr:`_Weights.wait_for` of bytes that are all there."""
+
+
+class _DamagedFile(ValueError):
+    """HDF5 structure that h5py or :func:`_dataset_extent` refused, met by :class:`_ReadStore`
+    during Keras's walk (told apart from a file that is sound but does not fit the model)."""
+
+
 class _ReadStore(_H5IOStore):
     """Keras's HDF5 weights store over an already opened ``h5py.File``.
 
@@ -641,16 +656,22 @@ class _ReadStore(_H5IOStore):
     Args:
         h5_file: the weights, open.
         image: the HDF5 file's bytes, or None (h5py reads everything).
-        extents: :func:`_dataset_extent` of the file's datasets by path (:func:`_check_datasets`).
+        extents: :func:`_dataset_extent` of the file's datasets by path (:func:`_check_datasets`);
+            None: each is found when Keras asks for it (a loader that assigns nothing before
+            the walk ends need not check them all first, and so need not wait for the last).
+        wait_for: returns once ``image[start:stop]`` has been read (:attr:`_Weights.wait_for`),
+            so a value handed out holds its final bytes, whatever Keras computes from it.
     """
 
     def __init__(
         self, h5_file: h5py.File, image: np.ndarray | None = None,
         extents: Mapping[str, tuple[int, np.dtype, tuple[int, ...]] | None] | None = None,
+        wait_for: Callable[[int, int], None] = _arrived,
     ) -> None:
         self._file = h5_file
         self._image = image
-        self._extents = extents or {}
+        self._extents = extents
+        self._wait_for = wait_for
         self._lent: list[tuple[int, int]] = []  # (start, stop) of the views handed out, sorted
         super().__init__("in-memory", mode="r")
 
@@ -663,6 +684,7 @@ class _ReadStore(_H5IOStore):
             return super().__getitem__(key)
         offset, dtype, shape = extent
         nbytes = dtype.itemsize * math.prod(shape)
+        self._wait_for(offset, offset + nbytes)
         if self._overlaps_lent(offset, offset + nbytes):
             # Two datasets over the same bytes (a crafted file): views would make two variables
             # share memory, so this one gets a copy.
@@ -694,31 +716,41 @@ class _ReadStore(_H5IOStore):
         group = self._h5_entry_group
         if not isinstance(group, h5py.Group) or "/" in key:
             return None
-        # Paths as the visit of hard links found them: a soft or external link (which Keras's
-        # read refuses) or a second hard link to a dataset is not among them.
-        return self._extents.get(f"{group.name.rstrip('/')}/{key}")
+        if self._extents is not None:
+            # Paths as the visit of hard links found them: a soft or external link (which
+            # Keras's read refuses) or a second hard link to a dataset is not among them.
+            return self._extents.get(f"{group.name.rstrip('/')}/{key}")
+        if not isinstance(group.get(key, getlink=True), h5py.HardLink):
+            return None  # missing (Keras's KeyError), or a link Keras's read refuses
+        try:
+            dataset = group[key]  # not get(): it answers None for a dataset h5py cannot open
+            return _dataset_extent(dataset, len(self._image)) if isinstance(dataset, h5py.Dataset) else None  # type: ignore[arg-type]
+        except (KeyError, OSError, RuntimeError, ValueError) as e:  # h5py's, _dataset_extent's
+            if isinstance(e, _stream.CorruptFile):
+                raise
+            raise _DamagedFile(str(e)) from e
 
 
 @contextlib.contextmanager
 def _raw(path: str, source: storage.StreamedRead | None) -> Iterator[IO[bytes]]:
-    """The file unbuffered: ``source``'s verified bytes (CorruptFile if they are not the
-    manifest's), else the file by name."""
+    """The file unbuffered: ``source``'s bytes as they arrive (not yet vouched for by the
+    checksum: see :func:`load_into`), else the file by name."""
     if source is None:
         with open(path, "rb", buffering=0) as f:
             yield f
     else:
-        yield _stream.StreamedFile(source)
+        yield _stream.ArrivingFile(source.image, source.wait_for)
 
 
 @contextlib.contextmanager
-def _weights(
-    path: str, source: storage.StreamedRead | None,
-) -> Iterator[tuple[h5py.File, np.ndarray | None]]:
+def _weights(path: str, source: storage.StreamedRead | None) -> Iterator[_Weights]:
     """The HDF5 weights of a ``.keras``, ``.weights.h5`` or ``.h5`` file, open; and, read
-    through ``source``, their bytes in memory (None: not stored in place, a compressed member,
-    or read by name)."""
+    through ``source``, their bytes in memory (image None: not stored in place, a compressed
+    member, or read by name). Through ``source`` h5py parses the bytes as they arrive, before
+    the checksum has vouched for them: what is made of them must not reach the model before
+    ``source.verified()``."""
     with _raw(path, source) as raw:
-        image = source.verified() if source is not None else None
+        image = source.image if source is not None else None
         size = len(image) if image is not None else os.fstat(raw.fileno()).st_size
         base, length, h5_file = 0, size, None
         if zipfile.is_zipfile(raw):
@@ -735,16 +767,23 @@ def _weights(
                             f"{_WEIGHTS_MEMBER} claims bytes [{base}, {base + length}) of an "
                             f"archive of {size} bytes"
                         )
+        wait_for = _arrived
         if image is not None:
             image = image[base : base + length]
+            if source is not None:
+                wait_for = functools.partial(_shifted, source.wait_for, base)
         if h5_file is None:
             try:
-                h5_file = h5py.File(_stream.MemoryFile(image) if image is not None
+                h5_file = h5py.File(_stream.ArrivingFile(image, wait_for) if image is not None
                                     else _Window(raw.fileno(), base, length), "r")
             except OSError as e:  # h5py's refusal of a damaged superblock names no file
                 raise ValueError(f"{path} is a damaged HDF5 file ({e}); nothing was loaded") from None
         with h5_file:
-            yield h5_file, image
+            yield _Weights(h5_file, image, wait_for)
+
+
+def _shifted(wait_for: Callable[[int, int], None], base: int, start: int, stop: int) -> None:
+    wait_for(base + start, base + stop)
 
 
 def load_into(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:
@@ -759,7 +798,11 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
     With ``source`` (the file being read and checksummed by
     :meth:`keras_ckpt.storage.LocalStorage.stream`), nothing is assigned before the whole file
     has been read and matched its checksum (:class:`keras_ckpt.storage.CorruptFile` else); the
-    large variables then take their bytes from that one read in place.
+    large variables then take their bytes from that one read in place. On the TensorFlow
+    backend Keras's loading walk runs while the file is still being read, each variable's value
+    taken as its bytes arrive and held back (:class:`_HeldAssigns`) until the checksum matched,
+    so what is left after the read is the assigns themselves; and a file that does not fit the
+    model (a variable's shape, a missing layer) is refused with nothing assigned.
     """
     if not model.built:
         raise ValueError(
@@ -769,28 +812,123 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and not optimizer.built:
         optimizer.build(model.trainable_variables)
+    held = source is not None and fast_read_available() and _holds_assigns(model)
+    if source is not None and not held:
+        source.verified()
     if not fast_read_available():
         _load_with_keras(model, path, source)
         return
-    with _weights(path, source) as (h5_file, image):
-        extents = _check_datasets(path, h5_file, image)
+    with _stream.prompt_handoffs() if held else contextlib.nullcontext(), \
+            _weights(path, source) as weights:
+        # Held assigns: a dataset found damaged midway leaves nothing assigned, so they need not
+        # all be checked first.
+        extents = None if held else _check_datasets(path, weights.file, weights.image)
         # A file saved without the optimizer keeps the optimizer's fresh state, without
         # Keras's variable-count warning.
-        skip = {id(optimizer)} if optimizer is not None and _OPTIMIZER_PATH not in h5_file else set()
+        skip = {id(optimizer)} if optimizer is not None and _OPTIMIZER_PATH not in weights.file else set()
         failed: set[int] = set()
         errors: dict[int, Any] = {}
-        _compat.resolve(_compat.KERAS_LOAD_STATE)(
-            model,
-            weights_store=_ReadStore(h5_file, image, extents),
-            assets_store=None,
-            inner_path="",
-            visited_saveables=skip,
-            failed_saveables=failed,
-            error_msgs=errors,
-        )
+        with _HeldAssigns() if held else contextlib.nullcontext() as assigns:
+            _compat.resolve(_compat.KERAS_LOAD_STATE)(
+                model,
+                weights_store=_ReadStore(weights.file, weights.image, extents, weights.wait_for),
+                assets_store=None,
+                inner_path="",
+                visited_saveables=skip,
+                failed_saveables=failed,
+                error_msgs=errors,
+            )
+        if source is not None:
+            source.verified()  # a corrupt file is why it did not fit, if it is
     _repair_skipset_cache()
     if failed:
-        _compat.resolve(_compat.KERAS_RAISE_LOADING_FAILURE)(errors)
+        damaged = [e for _, e in errors.values() if isinstance(e, _DamagedFile)]
+        if damaged:
+            raise ValueError(f"{path} is a damaged HDF5 file ({damaged[0]}); nothing was loaded"
+                             if held else f"{path} is a damaged HDF5 file ({damaged[0]})") from None
+        try:
+            _compat.resolve(_compat.KERAS_RAISE_LOADING_FAILURE)(errors)
+        except ValueError as e:
+            done = "nothing was loaded" if held else "the objects before these were loaded"
+            raise ValueError(f"{path} could not be loaded into the model ({done}): {e}") from None
+    if assigns is not None:
+        assigns.apply()
+
+
+class _HeldAssigns(keras.StatelessScope):
+    """Keras's scope in which ``variable.assign(value)`` checks and converts ``value`` but
+    only records it (:meth:`apply` assigns), here in the order the loading walk made them."""
+
+    def __init__(self) -> None:
+        super().__init__(initialize_variables=False)
+        self._assigns: list[tuple[Any, Any]] = []
+
+    def add_update(self, update: tuple[Any, Any]) -> None:
+        super().add_update(update)
+        self._assigns.append(update)
+
+    def apply(self) -> None:
+        for variable, value in self._assigns:
+            variable.assign(value)
+
+
+# Loaders that do nothing but assign the saveable's variables from the store (Keras 3.15's
+# own): under _HeldAssigns they have no effect before apply(). Any other (a preprocessing
+# layer's derived state, a torch module's load_state_dict, a user's override) may act on the
+# values at once, so a model with one loads after the checksum.
+_ASSIGNING_LOADERS = frozenset(
+    f"keras.src.{name}.load_own_variables" for name in (
+        "layers.layer.Layer", "layers.core.dense.Dense", "layers.core.einsum_dense.EinsumDense",
+        "layers.core.embedding.Embedding", "layers.convolutional.base_conv.BaseConv",
+        "optimizers.base_optimizer.BaseOptimizer",
+    )
+)
+
+
+def _holds_assigns(model: Any) -> bool:
+    """Whether :func:`load_into` can run Keras's loading walk while the file is read: TF
+    backend (the in-place values are DLPack tensors over the image, so a held value costs no
+    memory; other backends would hold a converted copy of every variable beside the old ones),
+    and only loaders of :data:`_ASSIGNING_LOADERS` in the model's saveable tree."""
+    if keras.backend.backend() != "tensorflow" or not all(
+        _compat.available(api) for api in (_compat.KERAS_WALK_SAVEABLE, _compat.KERAS_SAVEABLE)
+    ):
+        return False
+    for obj in _saveables(model):
+        loader = getattr(type(obj), "load_own_variables", None)
+        if loader is not None and f"{loader.__module__}.{loader.__qualname__}" not in _ASSIGNING_LOADERS:
+            return False
+    # That walk built the reference objects Keras skips attributes by, once per type (they
+    # create variables, which a stateless scope refuses); once they are cached, a walk creates
+    # nothing. Whether it does is tried, not assumed.
+    _repair_skipset_cache()
+    try:
+        with keras.StatelessScope(initialize_variables=False):
+            for _ in _saveables(model):
+                pass
+    except ValueError:
+        return False
+    return True
+
+
+def _saveables(model: Any) -> Iterator[Any]:
+    """Every saveable Keras's loading walk can visit from ``model`` (its own walk), once."""
+    walk = _compat.resolve(_compat.KERAS_WALK_SAVEABLE)
+    saveable_type = _compat.resolve(_compat.KERAS_SAVEABLE)
+    seen: set[int] = set()
+    pending: list[Any] = [model]
+    while pending:
+        obj = pending.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, saveable_type):
+            yield obj
+            pending.extend(child for _, child in walk(obj))
+        elif isinstance(obj, (list, tuple, set)):
+            pending.extend(obj)
+        elif isinstance(obj, dict):
+            pending.extend(obj.values())
 
 
 def _check_datasets(
@@ -814,9 +952,10 @@ def _check_datasets(
 
 
 def _load_with_keras(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:
-    """The public route: ``model.load_weights`` (the optimizer is already built)."""
-    with _weights(path, source) as (h5_file, _):
-        has_optimizer = _OPTIMIZER_PATH in h5_file
+    """The public route: ``model.load_weights`` (the optimizer is already built; ``source``
+    verified)."""
+    with _weights(path, source) as weights:
+        has_optimizer = _OPTIMIZER_PATH in weights.file
     with warnings.catch_warnings():
         if not has_optimizer:
             # Saved without the optimizer: it keeps its fresh state, as on the in-place route.

@@ -109,6 +109,24 @@ def test_save_and_resume_through_keras_public_writers_are_exact(
         assert int(keras.ops.convert_to_numpy(resumed.optimizer.iterations)) == 8  # fresh + 8
 
 
+def test_without_keras_saveable_walk_resume_loads_after_the_checksum_and_is_exact(tmp_path, monkeypatch):
+    # The held-back loading walk (the TF backend's resume) needs Keras's saveable walk to see
+    # which loaders only assign; without it the variables load after the checksum, as before.
+    real = _compat.available
+    monkeypatch.setattr(_compat, "available",
+                        lambda api: api is not _compat.KERAS_WALK_SAVEABLE and real(api))
+    x, y = _data()
+    path = str(tmp_path / "c-{epoch}.weights.h5")
+    first = _model()
+    first.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[keras_ckpt.ModelCheckpoint(path, save_weights_only=True)])
+    resumed, probe = _model(), _Probe()
+    resumed.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[
+        keras_ckpt.ModelCheckpoint(path, save_weights_only=True, resume=True), probe])
+    for got, want in zip(probe.restored, _values(first)):
+        assert got.tobytes() == want.tobytes()
+
+
 def test_callback_list_calls_set_model_from_its_own_method_and_dispatches_its_callbacks_list():
     # What _callbacks.Siblings relies on: the caller of a callback's set_model is the
     # CallbackList (its frame's self), whose .callbacks holds the callbacks, and a list assigned

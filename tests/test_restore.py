@@ -384,3 +384,79 @@ def test_torch_a_damaged_training_state_is_refused_before_any_tensor(tmp_path, s
     fresh = build()[0].state_dict()  # build() seeds: the model as it was before the resume
     assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
     assert not opt.state
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_a_checkpoint_that_does_not_fit_the_model_loads_nothing_and_names_the_file(tmp_path, suffix):
+    # Harm: the layers before the first one that did not fit were loaded, then Keras's error
+    # ("A total of 1 objects could not be loaded") named no file: a half-loaded model.
+    template = str(tmp_path / f"ck-{{epoch}}{suffix}")
+    weights_only = suffix == ".weights.h5"
+    train(template, 1, save_weights_only=weights_only)
+
+    keras.utils.set_random_seed(1)
+    wider = keras.Sequential([keras.Input((128,)), keras.layers.Dense(256), keras.layers.Dense(2)])
+    wider.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    wider.optimizer.build(wider.trainable_variables)
+    before = values(wider)
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=weights_only,
+                                      resume=True)
+    ckpt.set_model(wider)
+    if keras.backend.backend() == "tensorflow":
+        match = rf"ck-1{suffix} could not be loaded into the model \(nothing was loaded\)"
+    else:  # the walk assigns as it goes there (docs/robustness.md)
+        match = rf"ck-1{suffix} could not be loaded into the model"
+    with pytest.raises(ValueError, match=match):
+        ckpt.on_train_begin()
+    ckpt.on_train_end()
+    if keras.backend.backend() == "tensorflow":
+        for got, want in zip(values(wider), before):
+            np.testing.assert_array_equal(got, want)
+
+
+class Derived(keras.layers.Layer):
+    """A layer whose own loader keeps a value derived from its weight, as preprocessing layers do."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.loaded = []
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self.loaded.append(np.array(self.w.numpy()))
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_a_loader_of_the_users_own_never_sees_a_corrupt_newest(tmp_path, suffix):
+    # A user's load_own_variables acts on what it is handed at once: it must be called only
+    # with a file that matched its checksum, here once, with ck-1's values.
+    def build():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), Derived(), keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    template = str(tmp_path / f"ck-{{epoch}}{suffix}")
+    weights_only = suffix == ".weights.h5"
+    model, seen = build(), Values()
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    model.fit(x, x[:, :1], epochs=2, verbose=0, callbacks=[seen, keras_ckpt.ModelCheckpoint(
+        template, monitor="loss", save_weights_only=weights_only)])
+    flip_middle_byte(tmp_path / f"ck-2{suffix}")
+
+    again = build()
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=weights_only,
+                                      resume=True)
+    ckpt.set_model(again)
+    with pytest.warns(UserWarning, match="skipping checkpoint 'ck-2'"):
+        ckpt.on_train_begin()
+    ckpt.on_train_end()
+    derived = again.layers[0]
+    assert len(derived.loaded) == 1
+    np.testing.assert_array_equal(derived.loaded[0], seen.epochs[0][0])

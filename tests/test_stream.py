@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -167,3 +169,51 @@ def test_release_gives_back_only_the_pages_wholly_inside_the_range():
         pytest.skip("no madvise here: nothing is given back")
     assert image[: page].all() and image[4 * page :].all()
     assert not image[page : 4 * page].any()
+
+
+def test_a_loader_can_parse_the_bytes_that_arrived_while_the_rest_is_read(tmp_path, monkeypatch):
+    # wait_for returns once its range is in the image, not at the end of the read: here piece
+    # 2 is held back, and pieces before it are readable through ArrivingFile meanwhile.
+    data = os.urandom(4 * _stream._PIECE)
+    (tmp_path / "f").write_bytes(data)
+    real, release = _stream.StreamedRead._read_piece, threading.Event()
+
+    def read_piece(self, view, start, want):
+        if start == 2 * _stream._PIECE:
+            release.wait(30)
+        return real(self, view, start, want)
+
+    monkeypatch.setattr(_stream.StreamedRead, "_read_piece", read_piece)
+    with stream_of(tmp_path / "f") as stream:
+        arriving = _stream.ArrivingFile(stream.image, stream.wait_for)
+        arriving.seek(_stream._PIECE - 10)
+        assert arriving.read(20) == data[_stream._PIECE - 10 : _stream._PIECE + 10]
+        assert arriving.pread(5, 4 * _stream._PIECE - 5) == data[-5:]  # the last piece: read first
+        waiter = threading.Thread(target=stream.wait_for, args=(2 * _stream._PIECE, 2 * _stream._PIECE + 1))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()  # that byte has not arrived
+        release.set()
+        waiter.join(30)
+        assert not waiter.is_alive()
+        assert stream.verified().tobytes() == data
+
+
+def test_a_wait_for_bytes_the_file_no_longer_has_raises_the_truncation(tmp_path):
+    data = os.urandom(3 * _stream._PIECE)
+    (tmp_path / "f").write_bytes(data[: _stream._PIECE])
+    with stream_of(tmp_path / "f", size=len(data), digest=xxhash.xxh3_128_hexdigest(data)) as stream:
+        with pytest.raises(storage.CorruptFile, match="truncated while read"):
+            stream.wait_for(2 * _stream._PIECE, 2 * _stream._PIECE + 10)
+
+
+def test_prompt_handoffs_shortens_the_switch_interval_inside_and_restores_it_after():
+    before = sys.getswitchinterval()
+    with pytest.raises(RuntimeError):
+        with _stream.prompt_handoffs():
+            assert sys.getswitchinterval() <= 0.001
+            with _stream.prompt_handoffs():  # nested (two loads on two threads)
+                pass
+            assert sys.getswitchinterval() <= 0.001
+            raise RuntimeError
+    assert sys.getswitchinterval() == before
