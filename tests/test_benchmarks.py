@@ -107,3 +107,20 @@ def test_quick_run_prints_every_row_with_its_ratio(tmp_path):
             assert "n/a (async_save not available)" in line
     # No checkpoint or scratch file is left where it wrote.
     assert not any(os.scandir(tmp_path))
+
+
+def test_the_resume_walk_comparison_prints_both_walks_beside_the_raw_read(tmp_path):
+    pytest.importorskip("tensorflow")
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.resume_walk", "--rounds", "1", "--params", "2e5",
+         "--dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "# command: python -m benchmarks.resume_walk --rounds 1" in done.stdout
+    for suffix in (".keras", ".weights.h5"):
+        for label in ("raw cold read", "held walk", "walk after checksum"):
+            line = next(r for r in done.stdout.splitlines() if r.startswith(f"{suffix:12} {label} "))
+            assert float(line.split()[-1]) > 0
+    assert not any(os.scandir(tmp_path))
