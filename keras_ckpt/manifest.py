@@ -542,12 +542,20 @@ class Manifest:
             for i, r in enumerate(_list(d.get("checkpoints") or [], top.sub("checkpoints")))
         ]
         seen: set[tuple[str, str]] = set()
+        seqs: set[int] = set()
         for i, r in enumerate(records):
             if (r.series, r.name) in seen:
                 raise top.sub(f"checkpoints[{i}] ({r.name!r})").error(
                     "lists a checkpoint name twice in one series", r.name
                 )
+            # seq is what "newest" means (resume, rotation): two records of one number would
+            # leave which one is newer to the order they happen to be listed in.
+            if r.seq in seqs:
+                raise top.sub(f"checkpoints[{i}] ({r.name!r}).seq").error(
+                    "repeats another checkpoint's commit number", r.seq
+                )
             seen.add((r.series, r.name))
+            seqs.add(r.seq)
         deleting = _list(d.get("deleting") or [], top.sub("deleting"))
         for i, name in enumerate(deleting):
             _file_name(name, top.sub(f"deleting[{i}]"))

@@ -260,6 +260,17 @@ def test_a_checkpoint_listed_twice_in_a_series_is_refused_but_other_series_may_r
     assert [r.series for r in m.checkpoints] == ["ck-{epoch:03d}.keras", "other"]
 
 
+def test_two_checkpoints_with_one_commit_number_are_refused_even_in_two_series():
+    # Harm: resume=<dir> took whichever of the tied records was listed first as "newest".
+    a, b = record("a", seq=3).to_json(), record("b", seq=3).to_json()
+    assert refusal({"format": 1, "checkpoints": [a, b]}) == (
+        "cp.json: checkpoints[1] ('b').seq: repeats another checkpoint's commit number. Received: 3"
+    )
+    assert refusal({"format": 1, "checkpoints": [a, dict(b, series="other")]}).endswith("Received: 3")
+    m = mf.parse(json.dumps({"format": 1, "checkpoints": [a, dict(b, seq=4)]}).encode(), "x")
+    assert [r.seq for r in m.checkpoints] == [3, 4]
+
+
 def test_long_received_values_are_cut_to_80_characters():
     def shown(value):
         return refusal(with_record(metrics={"val_loss": value})).split("Received: ", 1)[1]
