@@ -285,6 +285,15 @@ class PrefixSeries:
         self.check_foreign()
         return record
 
+    def open_read_only(self) -> Record | None:
+        """Load the manifest without becoming the directory's writer (a directory this process
+        may not write: see :class:`keras_ckpt.storage.ReadOnlyDirectory`). A commit a crash
+        left unfinished stays unfinished, TF's state file is left as it is; returns the newest
+        committed checkpoint that verifies, or None."""
+        self.engine.reload()
+        self.engine.continue_run()
+        return self.engine.latest_valid()
+
     def read_state(self) -> Any:
         """TF's ``CheckpointState`` of the directory (absolute paths), or None if absent/unreadable."""
         try:

@@ -567,13 +567,20 @@ def _last_modified(path: str) -> float:
     return newest
 
 
+class ReadOnlyDirectory(ValueError):
+    """The directory exists but this process may not write in it (a read-only mount, no write
+    permission): :func:`ensure_directory`'s refusal, which a reader may take as a read-only view."""
+
+
 def ensure_directory(directory: str, argname: str, value: str) -> None:
-    """Create ``directory`` or raise a ValueError naming the argument that led to it."""
+    """Create ``directory`` or raise a ValueError naming the argument that led to it
+    (:class:`ReadOnlyDirectory` where it exists but cannot be written)."""
     try:
         os.makedirs(directory or ".", exist_ok=True)
         os.remove(temp_path(directory or ".", "probe"))
     except OSError as e:
-        raise ValueError(
+        read_only = e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and os.path.isdir(directory or ".")
+        raise (ReadOnlyDirectory if read_only else ValueError)(
             f"{argname} points into a directory that cannot be created or written "
             f"({directory!r}: {e.strerror or e}). Received: {argname}={value!r}"
         ) from e

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-from keras_ckpt import _tfsnapshot
+from keras_ckpt import _tfsnapshot, storage
 from keras_ckpt._async import BackgroundWriter
 from keras_ckpt._tfcommon import (
     HoursAnchor,
@@ -222,7 +222,16 @@ class CheckpointManager(SeriesAttributes):
             argname="directory",
             foreign_hint=_FOREIGN_HINT,
         )
-        self._latest = self._series.open(adopt=True)
+        try:
+            self._latest = self._series.open(adopt=True)
+        except storage.ReadOnlyDirectory as e:
+            # As TF's manager: an evaluation job restores from a read-only mount. A save goes
+            # through _closed: it tries to become the writer, and that error says why it cannot.
+            self._latest = self._series.open_read_only()
+            self._closed = True
+            why = e.__cause__.strerror if isinstance(e.__cause__, OSError) else None
+            warnings.warn(f"keras_ckpt: directory {self._directory!r} cannot be written ({why or e}): "
+                          "this CheckpointManager restores from it, and save() raises.", stacklevel=2)
         self._hours = self._start_hours_anchor(policy, created)
         self._foreign_latest = None if self._latest is not None else self._state_file_latest()
 

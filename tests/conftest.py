@@ -26,3 +26,26 @@ def small_disk(tmp_path):
         yield d
     finally:
         subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """``read_only_view(src)``: ``src`` bind-mounted read-only (as root), as an evaluation job or
+    the next job of a chain sees its input: EROFS from the kernel on every write."""
+    mounts = []
+
+    def view(src):
+        d = tmp_path / f"ro-{uuid.uuid4().hex[:6]}"
+        d.mkdir()
+        r = subprocess.run(["mount", "--bind", str(src), str(d)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot bind-mount here (needs root): {r.stderr.decode().strip()}")
+        mounts.append(d)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(d)], check=True)
+        return d
+
+    try:
+        yield view
+    finally:
+        for d in mounts:
+            subprocess.run(["umount", "-l", str(d)], check=False)

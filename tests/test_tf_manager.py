@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -105,6 +106,47 @@ def test_corrupt_newest_is_skipped_for_the_previous_one(tmp_path):
         manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=3)
     assert manager.latest_checkpoint == tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt-1")
     assert manager.restore_or_initialize() == str(tmp_path / "ckpt-1")
+    assert np.array_equal(state["w"].numpy(), w1)
+
+
+def test_on_a_read_only_mount_it_restores_and_only_save_is_refused(tmp_path, read_only_view):
+    # Harm: an evaluation job could not even construct the manager on its read-only input
+    # (it takes the writer's lock), where TF's own manager restores from it.
+    helper = _helper()
+    checkpoint, state = helper.make_state()
+    manager = CheckpointManager(checkpoint, tmp_path / "run", max_to_keep=3)
+    helper.train_step(state)
+    manager.save()
+    w1 = state["w"].numpy()
+    helper.train_step(state)
+    manager.save()
+    w2 = state["w"].numpy()
+    manager.close()
+    corrupt = tmp_path / "corrupt"  # a copy whose newest is damaged
+    shutil.copytree(tmp_path / "run", corrupt)
+    with open(corrupt / "ckpt-2.index", "r+b") as f:
+        f.write(b"garbage!")
+    view = read_only_view(tmp_path / "run")
+    before = sorted(os.listdir(view))
+
+    checkpoint, state = helper.make_state()
+    with pytest.warns(UserWarning, match=r"cannot be written \(Read-only file system\).*save\(\) raises"):
+        reader = CheckpointManager(checkpoint, view, max_to_keep=3)
+    assert reader.latest_checkpoint == str(view / "ckpt-2")
+    assert reader.checkpoints == [str(view / "ckpt-1"), str(view / "ckpt-2")]
+    assert reader.restore_or_initialize() == str(view / "ckpt-2")
+    assert np.array_equal(state["w"].numpy(), w2)
+    counter = int(checkpoint.save_counter.numpy())
+    with pytest.raises(ValueError, match=r"directory points into a directory that cannot be .*written"):
+        reader.save()
+    assert int(checkpoint.save_counter.numpy()) == counter  # nothing changed for the refused save
+    reader.close()
+    assert sorted(os.listdir(view)) == before
+
+    checkpoint, state = helper.make_state()
+    with pytest.warns(UserWarning, match="skipping checkpoint 'ckpt-2'"):
+        reader = CheckpointManager(checkpoint, read_only_view(corrupt), max_to_keep=3)
+    assert reader.restore_or_initialize().endswith("ckpt-1")
     assert np.array_equal(state["w"].numpy(), w1)
 
 
