@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import math
+import mmap
 import os
 import secrets
 import shutil
@@ -113,6 +114,7 @@ _SYNC_FILE_RANGE_WAIT_AFTER = 4
 _SYNC_FILE_RANGE_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP}
 _WRITEBACK_CHUNK = 16 << 20
 _CACHED_CHUNKS = 2  # chunks kept in the page cache behind the one being written
+_PAGE_SIZE = mmap.PAGESIZE
 
 
 class EarlyWriteback:
@@ -175,9 +177,14 @@ class EarlyWriteback:
             self._started = end
             self._dropped = min(self._dropped, end)
         elif end - self._started >= _WRITEBACK_CHUNK:
-            _SYNC_FILE_RANGE(self._fd, self._started, end - self._started, _SYNC_FILE_RANGE_WRITE)
-            self._started = end
-            self._drop_behind(end - _CACHED_CHUNKS * _WRITEBACK_CHUNK)
+            # Up to the last whole page only: a write into a page under writeback waits for that
+            # I/O to finish (stable pages), and a file written in pieces of any length (a Keras
+            # file's variables between HDF5 metadata) would otherwise stall at every chunk on
+            # the page it shares with the next one (the same 604 MB: 0.42 s, 0.355 s in one piece).
+            upto = end - end % _PAGE_SIZE
+            _SYNC_FILE_RANGE(self._fd, self._started, upto - self._started, _SYNC_FILE_RANGE_WRITE)
+            self._started = upto
+            self._drop_behind(upto - _CACHED_CHUNKS * _WRITEBACK_CHUNK)
 
     def _drop_behind(self, upto: int) -> None:
         if not self._drop or upto <= self._dropped:
