@@ -124,3 +124,19 @@ def test_the_resume_walk_comparison_prints_both_walks_beside_the_raw_read(tmp_pa
             line = next(r for r in done.stdout.splitlines() if r.startswith(f"{suffix:12} {label} "))
             assert float(line.split()[-1]) > 0
     assert not any(os.scandir(tmp_path))
+
+
+def test_the_write_path_comparison_prints_both_crcs_and_every_write_row(tmp_path):
+    pytest.importorskip("tensorflow")
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.write_path", "--rounds", "1", "--params", "2e5",
+         "--dir", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("crc32 zlib ") for line in lines)
+    writes = [line for line in lines if line.startswith("write ")]
+    assert len(writes) == 6 and all(line.endswith("x one buffer") for line in writes)
+    assert not any(os.scandir(tmp_path))
