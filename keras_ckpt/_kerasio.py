@@ -527,15 +527,20 @@ def file_format(path: str, source: storage.StreamedRead | None = None) -> str | 
     ``source`` the file is read through its descriptor (see :func:`load_into`).
     """
     with _raw(path, source) as f:
-        for offset in _HDF5_SIGNATURE_OFFSETS:
-            f.seek(offset)
-            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
-                return "h5"
+        if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+            return "h5"
+        # The zip before the other signature offsets: an archive's stored weights member, an
+        # HDF5 file, may begin at one of them (a small model's at 4096).
         try:
             with zipfile.ZipFile(f) as archive:
                 return "keras" if _WEIGHTS_MEMBER in archive.namelist() else None
         except zipfile.BadZipFile:
-            return None
+            pass
+        for offset in _HDF5_SIGNATURE_OFFSETS[1:]:
+            f.seek(offset)
+            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return "h5"
+        return None
 
 
 def read_state(path: str, source: storage.StreamedRead | None = None) -> bytes | None:

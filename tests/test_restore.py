@@ -460,3 +460,34 @@ def test_a_loader_of_the_users_own_never_sees_a_corrupt_newest(tmp_path, suffix)
     derived = again.layers[0]
     assert len(derived.loaded) == 1
     np.testing.assert_array_equal(derived.loaded[0], seen.epochs[0][0])
+
+
+def test_a_small_models_keras_archive_whose_weights_start_at_4096_resumes(tmp_path):
+    # Harm: the format sniffer looked for HDF5's signature at 0, 512, ... 4096 before asking
+    # whether the file is a zip, and the archive's stored weights member began at byte 4096:
+    # "it is an HDF5 file, but its name calls for a .keras zip archive", no resume possible.
+    import zipfile
+
+    def build():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                                  keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        return model
+
+    template = str(tmp_path / "ck-{epoch}.keras")
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    model, seen = build(), Values()
+    model.fit(x, x[:, :1], batch_size=8, epochs=1, verbose=0,
+              callbacks=[seen, keras_ckpt.ModelCheckpoint(template, monitor="loss")])
+    with open(tmp_path / "ck-1.keras", "rb") as f, zipfile.ZipFile(f) as archive:
+        from keras_ckpt import _zip
+        info = archive.getinfo("model.weights.h5")
+        assert _zip.member_data_offset(f.fileno(), info) in (512, 1024, 2048, 4096)
+    again = build()
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
+    ckpt.set_model(again)
+    ckpt.on_train_begin()
+    ckpt.on_train_end()
+    for got, want in zip(values(again), seen.epochs[0]):
+        np.testing.assert_array_equal(got, want)
