@@ -413,6 +413,8 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         state = _decode_state(path, _kerasio.read_state(path, source))
         check_state(path, state)
         if path.endswith(".h5") and not path.endswith(".weights.h5"):
+            if source is not None:
+                source.verified()  # Keras's legacy loader assigns as it reads the file
             self._load_legacy_h5(path)
         else:
             _kerasio.load_into(self.model, path, source)

@@ -491,3 +491,43 @@ def test_a_small_models_keras_archive_whose_weights_start_at_4096_resumes(tmp_pa
     ckpt.on_train_end()
     for got, want in zip(values(again), seen.epochs[0]):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_corrupt_legacy_h5_puts_nothing_into_the_model(tmp_path):
+    # Harm: a legacy .h5 was loaded by name before its checksum was looked at, so with no good
+    # predecessor resume said "nothing was loaded" over a model holding the corrupt file's
+    # weights (and with one, the corrupt file had been assigned and then overwritten).
+    import h5py
+
+    def build():  # Keras's legacy loader cannot deserialize loss="mse" (Keras 3.15)
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((128,)), keras.layers.Dense(256), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.MeanSquaredError())
+        return model
+
+    template = str(tmp_path / "ck-{epoch}.h5")
+    x = np.random.default_rng(0).normal(size=(32, 128)).astype("float32")
+    build().fit(x, x[:, :1], batch_size=8, epochs=1, verbose=0,
+                callbacks=[keras_ckpt.ModelCheckpoint(template, monitor="loss")])
+
+    with h5py.File(tmp_path / "ck-1.h5", "r") as f:  # a byte of the first kernel's values
+        kernels = []
+        f.visititems(lambda name, obj: kernels.append(obj.id.get_offset())
+                     if isinstance(obj, h5py.Dataset) and obj.shape == (128, 256) else None)
+    with open(tmp_path / "ck-1.h5", "r+b") as f:
+        f.seek(kernels[0] + 100)
+        byte = f.read(1)
+        f.seek(kernels[0] + 100)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+    model = build()
+    model.optimizer.build(model.trainable_variables)
+    before = values(model)
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
+    ckpt.set_model(model)
+    with pytest.warns(UserWarning, match="skipping checkpoint 'ck-1'"), pytest.raises(
+        ValueError, match=r"verifies \(nothing was loaded\)"
+    ):
+        ckpt.on_train_begin()
+    for got, want in zip(values(model), before):
+        np.testing.assert_array_equal(got, want)
