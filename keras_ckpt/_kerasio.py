@@ -831,6 +831,8 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
         # A file saved without the optimizer keeps the optimizer's fresh state, without
         # Keras's variable-count warning.
         skip = {id(optimizer)} if optimizer is not None and _OPTIMIZER_PATH not in weights.file else set()
+        if not skip:
+            _check_optimizer_fits(path, weights.file, optimizer)
         failed: set[int] = set()
         errors: dict[int, Any] = {}
         with _HeldAssigns() if held else contextlib.nullcontext() as assigns:
@@ -956,11 +958,33 @@ def _check_datasets(
     return extents
 
 
+def _check_optimizer_fits(path: str, h5_file: h5py.File, optimizer: Any) -> None:
+    """A ValueError naming ``path`` if the file's optimizer variables are not as many as
+    ``optimizer``'s: Keras's own loader then skips them with only a warning, so the weights
+    would load and the run go on with a fresh optimizer (another optimizer's checkpoint)."""
+    base_loader = keras.optimizers.Optimizer.load_own_variables
+    if optimizer is None or type(optimizer).load_own_variables is not base_loader:
+        return  # an optimizer's own loader decides what fits it
+    try:
+        saved = h5_file.get(f"{_OPTIMIZER_PATH}/vars")
+        count = len(saved) if isinstance(saved, h5py.Group) else 0
+    except (KeyError, OSError, RuntimeError, ValueError) as e:  # h5py's, over damaged metadata
+        raise ValueError(f"{path} is a damaged HDF5 file ({e}); nothing was loaded") from None
+    if count != len(optimizer.variables):
+        raise ValueError(
+            f"{path} could not be loaded into the model (nothing was loaded): its optimizer has "
+            f"{count} variables, the model's {type(optimizer).__name__} has "
+            f"{len(optimizer.variables)} (compile with the optimizer the file was saved with)"
+        )
+
+
 def _load_with_keras(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:
     """The public route: ``model.load_weights`` (the optimizer is already built; ``source``
     verified)."""
     with _weights(path, source) as weights:
         has_optimizer = _OPTIMIZER_PATH in weights.file
+        if has_optimizer:
+            _check_optimizer_fits(path, weights.file, getattr(model, "optimizer", None))
     with warnings.catch_warnings():
         if not has_optimizer:
             # Saved without the optimizer: it keeps its fresh state, as on the in-place route.

@@ -531,3 +531,27 @@ def test_a_corrupt_legacy_h5_puts_nothing_into_the_model(tmp_path):
         ckpt.on_train_begin()
     for got, want in zip(values(model), before):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+def test_a_checkpoint_of_another_optimizer_loads_nothing_and_names_the_file(tmp_path, suffix):
+    # Harm: Adam's checkpoint resumed under SGD(momentum) loaded the weights, skipped the
+    # optimizer with only Keras's warning and went on at the next epoch with a fresh optimizer
+    # (iterations back at 0, a learning-rate schedule restarted): a half-loaded run.
+    template = str(tmp_path / f"ck-{{epoch}}{suffix}")
+    weights_only = suffix == ".weights.h5"
+    train(template, 1, save_weights_only=weights_only)
+
+    model = big_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    before = values(model)
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=weights_only,
+                                      resume=True)
+    ckpt.set_model(model)
+    with pytest.raises(ValueError, match=rf"ck-1{suffix} could not be loaded into the model "
+                       r"\(nothing was loaded\): its optimizer has 10 variables, .*SGD has 6"):
+        ckpt.on_train_begin()
+    ckpt.on_train_end()
+    for got, want in zip(values(model), before):
+        np.testing.assert_array_equal(got, want)
