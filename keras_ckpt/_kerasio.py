@@ -70,6 +70,7 @@ __all__ = [
     "plan_keras",
     "plan_weights_h5",
     "read_arrays",
+    "read_legacy_optimizer",
     "read_state",
     "write_keras",
     "write_weights_h5",
@@ -560,6 +561,32 @@ def holds_optimizer(path: str, source: storage.StreamedRead | None = None) -> bo
     """Whether the ``.keras``, ``.weights.h5`` or legacy ``.h5`` file holds optimizer variables."""
     with _weights(path, source) as weights:
         return _OPTIMIZER_PATH in weights.file or _LEGACY_OPTIMIZER_PATH in weights.file
+
+
+def read_legacy_optimizer(path: str, source: storage.StreamedRead | None = None) -> list[np.ndarray]:
+    """The optimizer variables a legacy ``.h5`` file holds, in the optimizer's order ([] if none).
+
+    Read here rather than by ``keras.models.load_model(compile=True)``, whose compile step cannot
+    deserialize ``loss="mse"`` (Keras 3.15) and which keeps a fresh optimizer, with only a
+    warning, when the saved variables do not fit it."""
+    with _weights(path, source) as weights:
+        group = weights.file.get(_LEGACY_OPTIMIZER_PATH)
+        if not isinstance(group, h5py.Group):
+            return []
+        try:
+            names = _legacy_attribute(group, "weight_names")
+            return [np.asarray(group[name][()]) for name in names]
+        except (KeyError, OSError, RuntimeError, TypeError, ValueError) as e:  # h5py's
+            raise ValueError(f"{path} is a damaged HDF5 file ({e}); nothing was loaded") from None
+
+
+def _legacy_attribute(group: h5py.Group, name: str) -> list[str]:
+    """A list attribute as Keras's legacy writer stores it: whole, or in chunks name0, name1..."""
+    chunks = [name] if name in group.attrs else []
+    while f"{name}{len(chunks)}" in group.attrs:
+        chunks.append(f"{name}{len(chunks)}")
+    return [item.decode("utf-8") if isinstance(item, bytes) else str(item)
+            for chunk in chunks for item in group.attrs[chunk]]
 
 
 def read_arrays(path: str, source: storage.StreamedRead | None = None) -> dict[str, np.ndarray]:

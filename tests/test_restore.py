@@ -533,7 +533,7 @@ def test_a_corrupt_legacy_h5_puts_nothing_into_the_model(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5", ".h5"])
 def test_a_checkpoint_of_another_optimizer_loads_nothing_and_names_the_file(tmp_path, suffix):
     # Harm: Adam's checkpoint resumed under SGD(momentum) loaded the weights, skipped the
     # optimizer with only Keras's warning and went on at the next epoch with a fresh optimizer
@@ -555,3 +555,19 @@ def test_a_checkpoint_of_another_optimizer_loads_nothing_and_names_the_file(tmp_
     ckpt.on_train_end()
     for got, want in zip(values(model), before):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_legacy_h5_of_a_model_compiled_with_loss_mse_resumes_with_its_optimizer(tmp_path):
+    # Harm: resume loaded legacy .h5 files with keras.models.load_model(compile=True), whose
+    # compile step cannot deserialize loss="mse" (Keras 3.15): every resume failed with
+    # "Could not deserialize 'keras.metrics.mse'", naming no file.
+    template = str(tmp_path / "ck-{epoch}.h5")
+    seen, _ = train(template, 1)
+    model = big_model()
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
+    ckpt.set_model(model)
+    ckpt.on_train_begin()
+    ckpt.on_train_end()
+    for got, want in zip(values(model), seen[0]):
+        np.testing.assert_array_equal(got, want)
+    assert int(model.optimizer.iterations.numpy()) == 4
