@@ -70,6 +70,7 @@ __all__ = [
     "plan_keras",
     "plan_weights_h5",
     "read_arrays",
+    "read_legacy_optimizer",
     "read_state",
     "write_keras",
     "write_weights_h5",
@@ -527,15 +528,20 @@ def file_format(path: str, source: storage.StreamedRead | None = None) -> str | 
     ``source`` the file is read through its descriptor (see :func:`load_into`).
     """
     with _raw(path, source) as f:
-        for offset in _HDF5_SIGNATURE_OFFSETS:
-            f.seek(offset)
-            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
-                return "h5"
+        if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+            return "h5"
+        # The zip before the other signature offsets: an archive's stored weights member, an
+        # HDF5 file, may begin at one of them (a small model's at 4096).
         try:
             with zipfile.ZipFile(f) as archive:
                 return "keras" if _WEIGHTS_MEMBER in archive.namelist() else None
         except zipfile.BadZipFile:
-            return None
+            pass
+        for offset in _HDF5_SIGNATURE_OFFSETS[1:]:
+            f.seek(offset)
+            if f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return "h5"
+        return None
 
 
 def read_state(path: str, source: storage.StreamedRead | None = None) -> bytes | None:
@@ -555,6 +561,32 @@ def holds_optimizer(path: str, source: storage.StreamedRead | None = None) -> bo
     """Whether the ``.keras``, ``.weights.h5`` or legacy ``.h5`` file holds optimizer variables."""
     with _weights(path, source) as weights:
         return _OPTIMIZER_PATH in weights.file or _LEGACY_OPTIMIZER_PATH in weights.file
+
+
+def read_legacy_optimizer(path: str, source: storage.StreamedRead | None = None) -> list[np.ndarray]:
+    """The optimizer variables a legacy ``.h5`` file holds, in the optimizer's order ([] if none).
+
+    Read here rather than by ``keras.models.load_model(compile=True)``, whose compile step cannot
+    deserialize ``loss="mse"`` (Keras 3.15) and which keeps a fresh optimizer, with only a
+    warning, when the saved variables do not fit it."""
+    with _weights(path, source) as weights:
+        group = weights.file.get(_LEGACY_OPTIMIZER_PATH)
+        if not isinstance(group, h5py.Group):
+            return []
+        try:
+            names = _legacy_attribute(group, "weight_names")
+            return [np.asarray(group[name][()]) for name in names]
+        except (KeyError, OSError, RuntimeError, TypeError, ValueError) as e:  # h5py's
+            raise ValueError(f"{path} is a damaged HDF5 file ({e}); nothing was loaded") from None
+
+
+def _legacy_attribute(group: h5py.Group, name: str) -> list[str]:
+    """A list attribute as Keras's legacy writer stores it: whole, or in chunks name0, name1..."""
+    chunks = [name] if name in group.attrs else []
+    while f"{name}{len(chunks)}" in group.attrs:
+        chunks.append(f"{name}{len(chunks)}")
+    return [item.decode("utf-8") if isinstance(item, bytes) else str(item)
+            for chunk in chunks for item in group.attrs[chunk]]
 
 
 def read_arrays(path: str, source: storage.StreamedRead | None = None) -> dict[str, np.ndarray]:
@@ -826,6 +858,8 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
         # A file saved without the optimizer keeps the optimizer's fresh state, without
         # Keras's variable-count warning.
         skip = {id(optimizer)} if optimizer is not None and _OPTIMIZER_PATH not in weights.file else set()
+        if not skip:
+            _check_optimizer_fits(path, weights.file, optimizer)
         failed: set[int] = set()
         errors: dict[int, Any] = {}
         with _HeldAssigns() if held else contextlib.nullcontext() as assigns:
@@ -951,11 +985,33 @@ def _check_datasets(
     return extents
 
 
+def _check_optimizer_fits(path: str, h5_file: h5py.File, optimizer: Any) -> None:
+    """A ValueError naming ``path`` if the file's optimizer variables are not as many as
+    ``optimizer``'s: Keras's own loader then skips them with only a warning, so the weights
+    would load and the run go on with a fresh optimizer (another optimizer's checkpoint)."""
+    base_loader = keras.optimizers.Optimizer.load_own_variables
+    if optimizer is None or type(optimizer).load_own_variables is not base_loader:
+        return  # an optimizer's own loader decides what fits it
+    try:
+        saved = h5_file.get(f"{_OPTIMIZER_PATH}/vars")
+        count = len(saved) if isinstance(saved, h5py.Group) else 0
+    except (KeyError, OSError, RuntimeError, ValueError) as e:  # h5py's, over damaged metadata
+        raise ValueError(f"{path} is a damaged HDF5 file ({e}); nothing was loaded") from None
+    if count != len(optimizer.variables):
+        raise ValueError(
+            f"{path} could not be loaded into the model (nothing was loaded): its optimizer has "
+            f"{count} variables, the model's {type(optimizer).__name__} has "
+            f"{len(optimizer.variables)} (compile with the optimizer the file was saved with)"
+        )
+
+
 def _load_with_keras(model: Any, path: str, source: storage.StreamedRead | None = None) -> None:
     """The public route: ``model.load_weights`` (the optimizer is already built; ``source``
     verified)."""
     with _weights(path, source) as weights:
         has_optimizer = _OPTIMIZER_PATH in weights.file
+        if has_optimizer:
+            _check_optimizer_fits(path, weights.file, getattr(model, "optimizer", None))
     with warnings.catch_warnings():
         if not has_optimizer:
             # Saved without the optimizer: it keeps its fresh state, as on the in-place route.

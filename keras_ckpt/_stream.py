@@ -96,6 +96,7 @@ def release(start: int, stop: int) -> None:
 _handoffs = threading.Lock()
 _handoff_users = 0
 _saved_interval = 0.0
+_set_interval = 0.0  # what prompt_handoffs set, as sys.getswitchinterval() reports it
 
 
 @contextlib.contextmanager
@@ -106,18 +107,20 @@ def prompt_handoffs(interval: float = 0.001) -> Iterator[None]:
     need the GIL for a moment after each piece, and with Python's default 5 ms a busy parser
     kept them waiting (604 MB took 0.32-0.35 s against 0.26-0.27 s with the parser asleep;
     0.28-0.30 s at 1 ms)."""
-    global _handoff_users, _saved_interval
+    global _handoff_users, _saved_interval, _set_interval
     with _handoffs:
         if not _handoff_users:
             _saved_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(interval, _saved_interval))
+            _set_interval = sys.getswitchinterval()
         _handoff_users += 1
     try:
         yield
     finally:
         with _handoffs:
             _handoff_users -= 1
-            if not _handoff_users:
+            # A value the program set meanwhile (another thread) is its own: kept.
+            if not _handoff_users and sys.getswitchinterval() == _set_interval:
                 sys.setswitchinterval(_saved_interval)
 
 

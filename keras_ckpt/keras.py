@@ -413,7 +413,9 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         state = _decode_state(path, _kerasio.read_state(path, source))
         check_state(path, state)
         if path.endswith(".h5") and not path.endswith(".weights.h5"):
-            self._load_legacy_h5(path)
+            if source is not None:
+                source.verified()  # Keras's legacy loader assigns as it reads the file
+            self._load_legacy_h5(path, source)
         else:
             _kerasio.load_into(self.model, path, source)
         return state
@@ -446,16 +448,26 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
             )
         self.model._initial_epoch = epoch
 
-    def _load_legacy_h5(self, path: str) -> None:
-        """Legacy HDF5 files have their own layout; Keras's loader reads them, we copy the values."""
-        loaded = keras.models.load_model(path, compile=True)
-        pairs = list(zip(self.model.weights, loaded.weights))
-        optimizer, source = getattr(self.model, "optimizer", None), getattr(loaded, "optimizer", None)
-        if optimizer is not None and source is not None and source.built:
-            if not optimizer.built:
-                optimizer.build(self.model.trainable_variables)
-            pairs += list(zip(optimizer.variables, source.variables))
-        for target, value in pairs:
+    def _load_legacy_h5(self, path: str, source: StreamedRead | None) -> None:
+        """Legacy HDF5 files have their own layout; Keras's loader reads the weights, we copy the
+        values (and the optimizer's, read from the verified bytes)."""
+        loaded = keras.models.load_model(path, compile=False)
+        optimizer = getattr(self.model, "optimizer", None)
+        saved = _kerasio.read_legacy_optimizer(path, source) if optimizer is not None else []
+        if saved and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        groups = [("model", "weights", list(self.model.weights), list(loaded.weights))]
+        if saved:
+            groups.append(("optimizer", type(optimizer).__name__, list(optimizer.variables), saved))
+        for what, ours, targets, values in groups:  # all checked before any is assigned
+            if len(values) != len(targets) or any(
+                    tuple(t.shape) != tuple(v.shape) for t, v in zip(targets, values)):
+                raise ValueError(
+                    f"{path} could not be loaded into the model (nothing was loaded): its {what} "
+                    f"has {len(values)} variables, the model's {ours} has {len(targets)} (or "
+                    "of other shapes; compile with the optimizer the file was saved with)"
+                )
+        for target, value in (pair for *_, targets, values in groups for pair in zip(targets, values)):
             target.assign(keras.ops.convert_to_numpy(value))
 
     def _restore_keras_state(self, state: dict[str, Any]) -> None:

@@ -460,3 +460,114 @@ def test_a_loader_of_the_users_own_never_sees_a_corrupt_newest(tmp_path, suffix)
     derived = again.layers[0]
     assert len(derived.loaded) == 1
     np.testing.assert_array_equal(derived.loaded[0], seen.epochs[0][0])
+
+
+def test_a_small_models_keras_archive_whose_weights_start_at_4096_resumes(tmp_path):
+    # Harm: the format sniffer looked for HDF5's signature at 0, 512, ... 4096 before asking
+    # whether the file is a zip, and the archive's stored weights member began at byte 4096:
+    # "it is an HDF5 file, but its name calls for a .keras zip archive", no resume possible.
+    import zipfile
+
+    def build():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                                  keras.layers.BatchNormalization(), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        return model
+
+    template = str(tmp_path / "ck-{epoch}.keras")
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype("float32")
+    model, seen = build(), Values()
+    model.fit(x, x[:, :1], batch_size=8, epochs=1, verbose=0,
+              callbacks=[seen, keras_ckpt.ModelCheckpoint(template, monitor="loss")])
+    with open(tmp_path / "ck-1.keras", "rb") as f, zipfile.ZipFile(f) as archive:
+        from keras_ckpt import _zip
+        info = archive.getinfo("model.weights.h5")
+        assert _zip.member_data_offset(f.fileno(), info) in (512, 1024, 2048, 4096)
+    again = build()
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
+    ckpt.set_model(again)
+    ckpt.on_train_begin()
+    ckpt.on_train_end()
+    for got, want in zip(values(again), seen.epochs[0]):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_corrupt_legacy_h5_puts_nothing_into_the_model(tmp_path):
+    # Harm: a legacy .h5 was loaded by name before its checksum was looked at, so with no good
+    # predecessor resume said "nothing was loaded" over a model holding the corrupt file's
+    # weights (and with one, the corrupt file had been assigned and then overwritten).
+    import h5py
+
+    def build():  # Keras's legacy loader cannot deserialize loss="mse" (Keras 3.15)
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((128,)), keras.layers.Dense(256), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.MeanSquaredError())
+        return model
+
+    template = str(tmp_path / "ck-{epoch}.h5")
+    x = np.random.default_rng(0).normal(size=(32, 128)).astype("float32")
+    build().fit(x, x[:, :1], batch_size=8, epochs=1, verbose=0,
+                callbacks=[keras_ckpt.ModelCheckpoint(template, monitor="loss")])
+
+    with h5py.File(tmp_path / "ck-1.h5", "r") as f:  # a byte of the first kernel's values
+        kernels = []
+        f.visititems(lambda name, obj: kernels.append(obj.id.get_offset())
+                     if isinstance(obj, h5py.Dataset) and obj.shape == (128, 256) else None)
+    with open(tmp_path / "ck-1.h5", "r+b") as f:
+        f.seek(kernels[0] + 100)
+        byte = f.read(1)
+        f.seek(kernels[0] + 100)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+    model = build()
+    model.optimizer.build(model.trainable_variables)
+    before = values(model)
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
+    ckpt.set_model(model)
+    with pytest.warns(UserWarning, match="skipping checkpoint 'ck-1'"), pytest.raises(
+        ValueError, match=r"verifies \(nothing was loaded\)"
+    ):
+        ckpt.on_train_begin()
+    for got, want in zip(values(model), before):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".weights.h5", ".h5"])
+def test_a_checkpoint_of_another_optimizer_loads_nothing_and_names_the_file(tmp_path, suffix):
+    # Harm: Adam's checkpoint resumed under SGD(momentum) loaded the weights, skipped the
+    # optimizer with only Keras's warning and went on at the next epoch with a fresh optimizer
+    # (iterations back at 0, a learning-rate schedule restarted): a half-loaded run.
+    template = str(tmp_path / f"ck-{{epoch}}{suffix}")
+    weights_only = suffix == ".weights.h5"
+    train(template, 1, save_weights_only=weights_only)
+
+    model = big_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    before = values(model)
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=weights_only,
+                                      resume=True)
+    ckpt.set_model(model)
+    with pytest.raises(ValueError, match=rf"ck-1{suffix} could not be loaded into the model "
+                       r"\(nothing was loaded\): its optimizer has 10 variables, .*SGD has 6"):
+        ckpt.on_train_begin()
+    ckpt.on_train_end()
+    for got, want in zip(values(model), before):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_legacy_h5_of_a_model_compiled_with_loss_mse_resumes_with_its_optimizer(tmp_path):
+    # Harm: resume loaded legacy .h5 files with keras.models.load_model(compile=True), whose
+    # compile step cannot deserialize loss="mse" (Keras 3.15): every resume failed with
+    # "Could not deserialize 'keras.metrics.mse'", naming no file.
+    template = str(tmp_path / "ck-{epoch}.h5")
+    seen, _ = train(template, 1)
+    model = big_model()
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", resume=True)
+    ckpt.set_model(model)
+    ckpt.on_train_begin()
+    ckpt.on_train_end()
+    for got, want in zip(values(model), seen[0]):
+        np.testing.assert_array_equal(got, want)
+    assert int(model.optimizer.iterations.numpy()) == 4

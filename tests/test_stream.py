@@ -217,3 +217,17 @@ def test_prompt_handoffs_shortens_the_switch_interval_inside_and_restores_it_aft
             assert sys.getswitchinterval() <= 0.001
             raise RuntimeError
     assert sys.getswitchinterval() == before
+
+
+def test_prompt_handoffs_keeps_a_switch_interval_another_thread_set_meanwhile():
+    # Harm: the interval saved at entry was put back at exit over a value the program set on
+    # another thread while a resume parsed its file (its own tuning silently undone).
+    before = sys.getswitchinterval()
+    try:
+        with _stream.prompt_handoffs():
+            setter = threading.Thread(target=sys.setswitchinterval, args=(0.02,))
+            setter.start()
+            setter.join()
+        assert sys.getswitchinterval() == pytest.approx(0.02)
+    finally:
+        sys.setswitchinterval(before)
