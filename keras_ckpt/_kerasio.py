@@ -1001,7 +1001,9 @@ def _check_optimizer_fits(path: str, h5_file: h5py.File, optimizer: Any) -> None
         raise ValueError(
             f"{path} could not be loaded into the model (nothing was loaded): its optimizer has "
             f"{count} variables, the model's {type(optimizer).__name__} has "
-            f"{len(optimizer.variables)} (compile with the optimizer the file was saved with)"
+            f"{len(optimizer.variables)}. Compile with the optimizer the file was saved with; to "
+            "go on with another one, load the weights yourself (model.load_weights) and start a "
+            "new run (resume=False)"
         )
 
 
