@@ -876,10 +876,10 @@ def load_into(model: Any, path: str, source: storage.StreamedRead | None = None)
             source.verified()  # a corrupt file is why it did not fit, if it is
     _repair_skipset_cache()
     if failed:
+        # Only found during the walk when it is held (else _check_datasets refused it first).
         damaged = [e for _, e in errors.values() if isinstance(e, _DamagedFile)]
         if damaged:
-            raise ValueError(f"{path} is a damaged HDF5 file ({damaged[0]}); nothing was loaded"
-                             if held else f"{path} is a damaged HDF5 file ({damaged[0]})") from None
+            raise ValueError(f"{path} is a damaged HDF5 file ({damaged[0]}); nothing was loaded") from None
         try:
             _compat.resolve(_compat.KERAS_RAISE_LOADING_FAILURE)(errors)
         except ValueError as e:
