@@ -109,34 +109,32 @@ def test_quick_run_prints_every_row_with_its_ratio(tmp_path):
     assert not any(os.scandir(tmp_path))
 
 
-def test_the_resume_walk_comparison_prints_both_walks_beside_the_raw_read(tmp_path):
+def _small_run(module: str, tmp_path) -> list[str]:
+    """The output lines of ``python -m benchmarks.<module>`` on a tiny model, one round; asserts
+    it left nothing where it wrote."""
     pytest.importorskip("tensorflow")
     env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=ROOT)
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.resume_walk", "--rounds", "1", "--params", "2e5",
+        [sys.executable, "-m", f"benchmarks.{module}", "--rounds", "1", "--params", "2e5",
          "--dir", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "# command: python -m benchmarks.resume_walk --rounds 1" in done.stdout
+    assert f"# command: python -m benchmarks.{module} --rounds 1" in done.stdout
+    assert not any(os.scandir(tmp_path))
+    return done.stdout.splitlines()
+
+
+def test_the_resume_walk_comparison_prints_both_walks_beside_the_raw_read(tmp_path):
+    lines = _small_run("resume_walk", tmp_path)
     for suffix in (".keras", ".weights.h5"):
         for label in ("raw cold read", "held walk", "walk after checksum"):
-            line = next(r for r in done.stdout.splitlines() if r.startswith(f"{suffix:12} {label} "))
+            line = next(r for r in lines if r.startswith(f"{suffix:12} {label} "))
             assert float(line.split()[-1]) > 0
-    assert not any(os.scandir(tmp_path))
 
 
 def test_the_write_path_comparison_prints_both_crcs_and_every_write_row(tmp_path):
-    pytest.importorskip("tensorflow")
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=ROOT)
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.write_path", "--rounds", "1", "--params", "2e5",
-         "--dir", str(tmp_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = _small_run("write_path", tmp_path)
     assert any(line.startswith("crc32 zlib ") for line in lines)
     writes = [line for line in lines if line.startswith("write ")]
     assert len(writes) == 6 and all(line.endswith("x one buffer") for line in writes)
-    assert not any(os.scandir(tmp_path))

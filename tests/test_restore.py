@@ -259,6 +259,20 @@ def test_a_stream_gives_the_files_bytes_only_once_they_match_and_names_a_mismatc
         None, f"f.bin has {len(data)} bytes, the manifest says {len(data) + 1}")
 
 
+def _keras_resume_refused(template: str, match: str) -> None:
+    """``resume=True`` of a ``.weights.h5`` series into a fresh model refused with ``match``,
+    nothing of the file in the model or its optimizer."""
+    model = big_model()
+    before = values(model)
+    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=True, resume=True)
+    ckpt.set_model(model)
+    with pytest.raises(ValueError, match=match):
+        ckpt.on_train_begin()
+    ckpt.on_train_end()
+    for got, want in zip(values(model), before):
+        np.testing.assert_array_equal(got, want)  # nothing of the file reached the model
+
+
 def vouch_for(directory, name):
     """Record ``name``'s current size and checksum in the manifest, as a hostile one would."""
     path = os.path.join(directory, "checkpoints.json")
@@ -286,15 +300,7 @@ def test_a_damaged_training_state_the_manifest_vouches_for_is_refused_before_any
         del f["keras_ckpt/state.json"]
         f["keras_ckpt/state.json"] = np.frombuffer(state, np.uint8)
     vouch_for(str(tmp_path), "ck-1.weights.h5")
-
-    model = big_model()
-    before = values(model)
-    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=True, resume=True)
-    ckpt.set_model(model)
-    with pytest.raises(ValueError, match=r"ck-1\.weights\.h5 holds a damaged training state"):
-        ckpt.on_train_begin()
-    for got, want in zip(values(model), before):
-        np.testing.assert_array_equal(got, want)  # nothing of the file reached the model
+    _keras_resume_refused(template, r"ck-1\.weights\.h5 holds a damaged training state")
 
 
 def test_torch_a_record_name_that_is_not_utf8_is_a_damaged_file_naming_it(tmp_path):
@@ -327,15 +333,7 @@ def test_a_dataset_address_past_the_end_is_refused_before_any_weight(tmp_path):
     blob[at : at + 8] = struct.pack("<Q", len(blob) + 4096)
     path.write_bytes(bytes(blob))
     vouch_for(str(tmp_path), "ck-1.weights.h5")
-
-    model = big_model()
-    before = values(model)
-    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=True, resume=True)
-    ckpt.set_model(model)
-    with pytest.raises(ValueError, match=r"ck-1\.weights\.h5 is a damaged HDF5 file"):
-        ckpt.on_train_begin()
-    for got, want in zip(values(model), before):
-        np.testing.assert_array_equal(got, want)
+    _keras_resume_refused(template, r"ck-1\.weights\.h5 is a damaged HDF5 file")
 
 
 def test_an_hdf5_file_cut_short_that_the_manifest_vouches_for_is_a_value_error_naming_it(tmp_path):
@@ -345,10 +343,7 @@ def test_an_hdf5_file_cut_short_that_the_manifest_vouches_for_is_a_value_error_n
     path = tmp_path / "ck-1.weights.h5"
     path.write_bytes(path.read_bytes()[:-1])
     vouch_for(str(tmp_path), "ck-1.weights.h5")
-    ckpt = keras_ckpt.ModelCheckpoint(template, monitor="loss", save_weights_only=True, resume=True)
-    ckpt.set_model(big_model())
-    with pytest.raises(ValueError, match=r"ck-1\.weights\.h5 is a damaged HDF5 file"):
-        ckpt.on_train_begin()
+    _keras_resume_refused(template, r"ck-1\.weights\.h5 is a damaged HDF5 file")
 
 
 def test_torch_records_that_overlap_are_refused_not_shared_by_two_optimizer_slots(tmp_path):
