@@ -131,12 +131,17 @@ class Transaction:
                 # The payload writer ran out of disk (or met an I/O error): say where.
                 raise _named(exc, self._engine.directory, os.path.basename(self.path)) from exc
         finally:
-            for _, _, _, raw in self._files:
+            for _, _, writer, raw in self._files:
                 if raw is not None and not raw.closed:
                     # On a full disk closing flushes, and fails again: the first error is the one
                     # to raise, and the temporaries below must go whatever happens here.
                     with contextlib.suppress(OSError):
                         raw.close()
+                if writer is not None:
+                    # Closed here, not by IOBase's finalizer: that one runs our flush() and
+                    # silently drops what it raises, a KeyboardInterrupt arriving then included
+                    # (a Ctrl-C at the end of a save was lost, once in many).
+                    writer.close()
             if not self._handed_over:  # once the intent is durable, the engine owns the temporaries
                 staged = [tmp for tmp, _, _, _ in self._files if "/" not in tmp]  # the rest: in _dirs
                 for tmp in [*staged, *self._side_temps, *self._dirs]:

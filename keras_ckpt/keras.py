@@ -156,6 +156,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         self._snapshots: ReusableBuffers[np.ndarray] = ReusableBuffers(
             lambda nbytes: np.empty(nbytes, dtype=np.uint8)
         )
+        self._layouts = _kerasio.Layouts()  # the last file's layout, for the next save's plan
         self._resume_pending = resume is not False
         self._resumed_mid_epoch: _fastforward.Resumed | None = None
         self._resumed_epoch: _fastforward.Resumed | None = None  # while that epoch runs
@@ -190,6 +191,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         self._siblings.attach(inspect.currentframe().f_back, resume=self._resume_pending)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        self._layouts.clear()  # whatever changed between two fits is planned afresh
         if not self._resume_pending:
             self._core.resume = False
         path = self._core.begin(infer_mode=self._infer_mode)
@@ -265,6 +267,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
                     self._save(max(self._core.epochs_done - 1, 0), None, logs)
                 guard.preempted = True
         finally:
+            self._layouts.clear()
             self._siblings.end()
             self._core.end()
         if guard.received:  # also one that came after the check above, until end() restored
@@ -312,7 +315,7 @@ class ModelCheckpoint(CheckpointAttributes, keras.callbacks.ModelCheckpoint):
         if fast and path.endswith((".keras", ".weights.h5")):
             plan = _kerasio.plan_keras if path.endswith(".keras") else _kerasio.plan_weights_h5
             planned = plan(self.model, state=blob, include_optimizer=include_optimizer,
-                           arrays=arrays)
+                           arrays=arrays, layouts=self._layouts)
             if snapshot:
                 planned.snapshot(self._snapshots)
             return Payload(functools.partial(_write_planned, planned), detached=snapshot)

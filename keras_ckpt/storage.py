@@ -322,7 +322,8 @@ class HashingWriter(io.RawIOBase):
         return self._raw.truncate(size)
 
     def flush(self) -> None:
-        self._raw.flush()
+        if not self._raw.closed:  # close() flushes too, after the transaction closed the file
+            self._raw.flush()
 
     def fileno(self) -> int:
         return self._raw.fileno()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -104,6 +105,23 @@ def test_failed_write_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
         "checkpoints.json", "ck-001.bin"]
     assert [r.name for r in e.records] == ["ck-001"]
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["committed", "failed"])
+def test_a_save_leaves_no_file_object_for_a_finalizer_to_close(tmp_path, fails):
+    # IOBase's finalizer calls close() and silently drops what it raises, a KeyboardInterrupt
+    # arriving just then included: a Ctrl-C at the end of a save would be lost and training go
+    # on. The transaction closes the file objects it handed out (not closed by the writer here).
+    e = make_engine(tmp_path)
+    handed_out = []
+    with contextlib.suppress(RuntimeError):
+        with e.transaction(str(tmp_path / "ck-001.bin"), epoch=1, step=0) as tx:
+            handed_out.append(tx.open())
+            handed_out[0].write(b"payload")
+            if fails:
+                raise RuntimeError("boom")
+    assert handed_out[0].closed
+    assert [r.name for r in e.records] == ([] if fails else ["ck-001"])
 
 
 def test_replacing_a_single_file_and_best_survives_reload(tmp_path):

@@ -285,7 +285,9 @@ def test_weights_h5_layout_is_keras_save_weights_plus_state(tmp_path, kind: str)
     _kerasio.write_weights_h5(model, ours, state=b'{"s": 1}')
     model.save_weights(stock)
     tree = h5_tree(ours)
-    assert tree.pop(_kerasio.STATE_MEMBER)[3] == b'{"s": 1}'
+    state = tree.pop(_kerasio.STATE_MEMBER)[3]
+    # Padded with JSON whitespace to a slot, so the next save can keep the file's layout.
+    assert state.rstrip(b" ") == b'{"s": 1}' and json.loads(state) == {"s": 1}
     assert tree.pop(_kerasio.STATE_GROUP) == ((),)
     assert tree == h5_tree(stock)
 
@@ -369,6 +371,176 @@ def test_load_into_refuses_an_unbuilt_model(tmp_path) -> None:
     _kerasio.write_weights_h5(trained("nested_sequential"), path, state=b"{}")
     with pytest.raises(ValueError, match="built model"):
         _kerasio.load_into(keras.Sequential([keras.layers.Dense(4)]), path)
+
+
+# --- reusing the last file's layout -----------------------------------------------------------
+
+
+def adam_step(model: keras.Model, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    grads = [keras.ops.convert_to_tensor(rng.normal(size=v.shape).astype("float32"))
+             for v in model.trainable_variables]
+    model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+
+def weights_bytes(planned: _kerasio.Planned, path: str) -> bytes:
+    """The HDF5 weights a plan writes (a ``.keras`` archive's member: its zip timestamp is the
+    time of planning)."""
+    planned.write(path)
+    if not path.endswith(".keras"):
+        with open(path, "rb") as f:
+            return f.read()
+    with zipfile.ZipFile(path) as archive:
+        return archive.read("model.weights.h5")
+
+
+@pytest.fixture
+def walks(monkeypatch) -> list[int]:
+    """Counts the plans that walked the model (each builds a new layout)."""
+    count = [0]
+    build = _kerasio._layout
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(_kerasio, "_layout", counted)
+    return count
+
+
+PLANS = {".weights.h5": _kerasio.plan_weights_h5, ".keras": _kerasio.plan_keras}
+
+
+@pytest.mark.parametrize("suffix", PLANS)
+def test_a_reused_layout_writes_the_current_weights(tmp_path, walks, suffix: str) -> None:
+    model = make_model("functional_dropout")
+    adam_step(model, 0)
+    plan, layouts = PLANS[suffix], _kerasio.Layouts()
+    first = weights_bytes(plan(model, state=b'{"n": 1}', layouts=layouts), str(tmp_path / f"a{suffix}"))
+    for seed in (1, 2):
+        adam_step(model, seed)  # every variable changes, the iteration count too
+    path = str(tmp_path / f"b{suffix}")
+    reused = weights_bytes(plan(model, state=b'{"n": 22}', layouts=layouts), path)
+    assert walks[0] == 1  # the second plan did not walk the model
+    fresh = weights_bytes(plan(model, state=b'{"n": 22}'), str(tmp_path / f"c{suffix}"))
+    assert reused == fresh and reused != first
+    assert _kerasio.read_state(path) == b'{"n": 22}'
+    loaded = make_model("functional_dropout")
+    _kerasio.load_into(loaded, path)
+    assert_same_state(model, loaded)  # the third step's weights, moments and count
+
+
+def _new_optimizer(model: keras.Model) -> dict:
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return {}
+
+
+def _new_layer(model: keras.Model) -> dict:
+    model.add(keras.layers.Dense(3))
+    model.build((None, 160))
+    return {}
+
+
+CHANGES = {
+    "a new optimizer": _new_optimizer,
+    "a new layer": _new_layer,
+    "a state over its slot": lambda model: {"state": b'{"s": "' + b"x" * 5000 + b'"}'},
+    "arrays of another shape": lambda model: {"arrays": {"a": np.arange(6.0)}},
+    "no optimizer": lambda model: {"include_optimizer": False},
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_changed_model_is_walked_again(tmp_path, walks, change: str) -> None:
+    model = keras.Sequential([keras.Input((160,)), keras.layers.Dense(128), keras.layers.Dense(4)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    adam_step(model, 0)
+    layouts = _kerasio.Layouts()
+    kwargs = {"state": b'{"s": 1}', "arrays": {"a": np.arange(4.0)}, "include_optimizer": True}
+    _kerasio.plan_weights_h5(model, layouts=layouts, **kwargs)
+    adam_step(model, 1)
+    kwargs.update(CHANGES[change](model))
+    path = str(tmp_path / "b.weights.h5")
+    reused = weights_bytes(_kerasio.plan_weights_h5(model, layouts=layouts, **kwargs), path)
+    assert walks[0] == 2
+    assert reused == weights_bytes(_kerasio.plan_weights_h5(model, **kwargs), str(tmp_path / "c.h5"))
+    assert _kerasio.read_state(path) == kwargs["state"]
+    assert _kerasio.read_arrays(path)["a"].tobytes() == kwargs["arrays"]["a"].tobytes()
+
+
+class Counting(keras.layers.Layer):
+    """A user's layer that saves a value of its own, not a variable."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    def call(self, x):
+        return x
+
+    def save_own_variables(self, store):
+        store["0"] = np.array([self.calls], dtype="int64")
+
+    def load_own_variables(self, store):
+        self.calls = int(store["0"][0])
+
+
+def test_a_layer_saving_its_own_values_is_walked_every_save(tmp_path, walks) -> None:
+    counting = Counting()
+    model = keras.Sequential([keras.Input((4,)), counting, keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    layouts = _kerasio.Layouts()
+    for calls in (1, 7):
+        counting.calls = calls
+        path = str(tmp_path / f"{calls}.weights.h5")
+        _kerasio.plan_weights_h5(model, state=b"{}", layouts=layouts).write(path)
+        with h5py.File(path) as f:
+            assert f["layers/counting/vars/0"][0] == calls
+    assert walks[0] == 2
+
+
+class Choosing(keras.layers.Layer):
+    """A user's layer whose saver picks which of its variables to save."""
+
+    def build(self, input_shape):
+        self.a = self.add_weight(shape=(2,), initializer="zeros")
+        self.b = self.add_weight(shape=(2,), initializer="ones")
+        self.saves_b = False
+
+    def call(self, x):
+        return x
+
+    def save_own_variables(self, store):
+        store["0"] = self.b if self.saves_b else self.a
+
+
+def test_a_users_own_saver_is_walked_every_save(tmp_path, walks) -> None:
+    model = keras.Sequential([keras.Input((4,)), Choosing(name="choosing")])
+    layouts = _kerasio.Layouts()
+    _kerasio.plan_weights_h5(model, state=b"{}", layouts=layouts)
+    model.layers[0].saves_b = True  # the same variables, another file
+    path = str(tmp_path / "m.weights.h5")
+    _kerasio.plan_weights_h5(model, state=b"{}", layouts=layouts).write(path)
+    with h5py.File(path) as f:
+        assert f["layers/choosing/vars/0"][()].tolist() == [1.0, 1.0]
+    assert walks[0] == 2
+
+
+def test_a_lora_kernel_is_walked_every_save(tmp_path, walks) -> None:
+    # Dense saves its kernel merged with the LoRA factors: a computed value, not a variable.
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8)])
+    model.compile(optimizer="adam", loss="mse")
+    dense = model.layers[0]
+    dense.enable_lora(2)
+    layouts = _kerasio.Layouts()
+    _kerasio.plan_weights_h5(model, state=b"{}", layouts=layouts)
+    dense.lora_kernel_b.assign(np.ones(dense.lora_kernel_b.shape, "float32"))
+    path = str(tmp_path / "m.weights.h5")
+    _kerasio.plan_weights_h5(model, state=b"{}", layouts=layouts).write(path)
+    assert walks[0] == 2
+    with h5py.File(path) as f:
+        assert f["layers/dense/vars/0"][()].tobytes() == values([dense.kernel])[0].tobytes()
 
 
 # --- the other backend ------------------------------------------------------------------------

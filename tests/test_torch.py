@@ -549,7 +549,11 @@ def test_ctrl_c_during_a_save_is_a_keyboard_interrupt_not_an_abort(tmp_path):
             time.sleep(0.02)
         time.sleep(chance.uniform(0.0, 0.2))
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # not left saving forever beside the rest of the suite
+            pytest.fail(f"the save loop went on after SIGINT:\n{proc.communicate()[1].decode()[-3000:]}")
         err = err.decode()
         # Python re-raises an unhandled KeyboardInterrupt as SIGINT (-2); never SIGABRT (-6).
         assert proc.returncode in (-signal.SIGINT, 1, 130), (proc.returncode, err[-3000:])
