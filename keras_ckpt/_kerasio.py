@@ -261,6 +261,7 @@ class _PlanningStore(_H5IOStore):
 
     def __init__(self, h5_file: h5py.File) -> None:
         self._file = h5_file
+        self._created: list[tuple[h5py.Dataset, np.ndarray, Any]] = []
         self.extents: list[tuple[_Extent, np.ndarray]] = []
         self.reusable = True  # every dataset's bytes come from a variable, the state or arrays
         super().__init__("in-memory", mode="w")
@@ -280,29 +281,44 @@ class _PlanningStore(_H5IOStore):
                  value if isinstance(value, keras.Variable) else None)
 
     def put(self, group: h5py.Group, name: str, array: np.ndarray, source: Any) -> None:
-        """Create dataset ``name`` in ``group``; its bytes (from ``source``) come later."""
+        """Create dataset ``name`` in ``group``; :meth:`allocate` gives it its place in the
+        file, and its bytes (from ``source``) come later."""
         if not _plannable(array):
             self.reusable = self.reusable and array.size == 0
             group.create_dataset(name, data=array)
             return
         self.reusable = self.reusable and source is not None
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        # Early allocation fixes the dataset's file offset now; "never fill" keeps HDF5 from
-        # writing anything there, so the image stays small.
-        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-        dataset = group.create_dataset(
-            name, shape=array.shape, dtype=array.dtype, dcpl=dcpl, fill_time="never"
-        )
+        # "Never fill": HDF5 writes nothing where the bytes go, so the image stays small.
+        dataset = group.create_dataset(name, shape=array.shape, dtype=array.dtype,
+                                       fill_time="never")
         if array.dtype.name == "bfloat16":
             dataset.attrs["dtype"] = "bfloat16"  # as Keras marks it, so Keras reads it back
-        offset = dataset.id.get_offset()
-        if offset is None:  # HDF5 allocates a scalar's storage only when it is written
-            dataset[()] = array
+        self._created.append((dataset, array, source))
+
+    def allocate(self) -> None:
+        """Give every dataset created its storage, in creation order, after all the metadata.
+
+        Storage allocated as each dataset is created (HDF5's early allocation) puts the
+        metadata created after it behind it, spread through the file; a resume that parses the
+        file as it arrives then waits for the middle of the file to open the root group (0.17 s
+        of a 0.26 s read of the benchmark model). Writing one element allocates a contiguous
+        dataset's whole storage at the end of the file; its bytes come from ``source`` later.
+        """
+        for dataset, array, source in self._created:
+            # The element's own bytes, in the file's type: h5py has no bfloat16 conversion.
+            space = dataset.id.get_space()
+            if array.ndim:
+                space.select_hyperslab((0,) * array.ndim, (1,) * array.ndim)
+            dataset.id.write(h5py.h5s.create_simple((1,)), space,
+                             np.ascontiguousarray(array.reshape(-1)[:1]), mtype=dataset.id.get_type())
             offset = dataset.id.get_offset()
-            if offset is None:
+            if offset is None:  # not contiguous: its bytes are HDF5's to place
+                dataset[()] = array
                 self.reusable = False
-                return
-        self.extents.append((_Extent(offset, dataset.name, array.dtype, array.shape, source), array))
+                continue
+            extent = _Extent(offset, dataset.name, array.dtype, array.shape, source)
+            self.extents.append((extent, array))
+        self._created = []
 
 
 def _save_variables(optimizer: Any, store: Any) -> None:
@@ -597,6 +613,7 @@ def _segments(
             store.put(h5_file, STATE_MEMBER, np.frombuffer(state, dtype=np.uint8), _STATE)
         for name, array in arrays.items():
             store.put(h5_file, f"{ARRAYS_GROUP}/{name}", array, _ArrayName(name))
+        store.allocate()
     _repair_skipset_cache()
     store.extents.sort(key=lambda pair: pair[0].offset)
     layout = _layout(image, [extent for extent, _ in store.extents])

@@ -336,6 +336,27 @@ def test_large_datasets_start_on_64_bytes_and_load_from_a_verified_stream(tmp_pa
     assert_same_state(model, fresh)
 
 
+def test_the_metadata_is_at_the_head_so_a_resume_parses_it_before_the_data_arrives(tmp_path) -> None:
+    # Resume parses the file as it is read (last piece first, then from the start): metadata
+    # between the datasets would make it wait for the read to get there.
+    model = keras.Sequential([keras.Input((512,))] + [keras.layers.Dense(512) for _ in range(4)])
+    model.compile(optimizer="adam", loss="mse")
+    adam_step(model, 0)
+    path = tmp_path / "m.weights.h5"
+    _kerasio.write_weights_h5(model, str(path), state=b'{"s": 1}')
+    data = bytearray(path.read_bytes())
+    keep = 1 << 18
+    assert len(data) > 40 * keep
+    data[keep:-keep] = bytes(len(data) - 2 * keep)  # only the head and the tail arrived
+    path.write_bytes(data)
+    datasets = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: datasets.append((name, obj.shape, obj.dtype))
+                     if isinstance(obj, h5py.Dataset) else None)
+    assert len(datasets) == 4 * 2 + 2 + 4 * 2 * 2 + 1  # weights, Adam's counters and moments, state
+    assert _kerasio.read_state(str(path)) == b'{"s": 1}'
+
+
 def test_datasets_over_the_same_bytes_do_not_get_views_that_share_memory() -> None:
     # A crafted file may point two datasets at one range: only the first gets a view.
     store = object.__new__(_kerasio._ReadStore)
