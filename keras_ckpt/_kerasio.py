@@ -51,7 +51,7 @@ import h5py
 import keras
 import numpy as np
 
-from keras_ckpt import _compat, _stream, _zip, storage
+from keras_ckpt import _compat, _stream, _zip, preemption, storage
 from keras_ckpt._async import ReusableBuffers, copy_all
 from keras_ckpt._fileobj import Positioned
 
@@ -583,8 +583,10 @@ def _segments(
     image = _SparseImage()
     # Large datasets start on 64-byte boundaries (in a .keras archive the member does too), so
     # resume can hand TF views of the bytes it read, which TF takes only so aligned.
-    with h5py.File(image, "w", alignment_threshold=_PLAN_MIN_BYTES,
-                   alignment_interval=_DATA_ALIGN) as h5_file, _optimizers_without_copies(model):
+    # A Ctrl-C inside h5py's calls into the image would surface as another error.
+    with preemption.interrupts_deferred(), h5py.File(
+        image, "w", alignment_threshold=_PLAN_MIN_BYTES, alignment_interval=_DATA_ALIGN,
+    ) as h5_file, _optimizers_without_copies(model):
         store = _PlanningStore(h5_file)
         _compat.resolve(_compat.KERAS_SAVE_STATE)(
             model,
