@@ -51,7 +51,7 @@ import h5py
 import keras
 import numpy as np
 
-from keras_ckpt import _compat, _stream, _zip, storage
+from keras_ckpt import _compat, _stream, _zip, preemption, storage
 from keras_ckpt._async import ReusableBuffers, copy_all
 from keras_ckpt._fileobj import Positioned
 
@@ -535,7 +535,8 @@ class Layouts:
     is unchanged: Keras's saving walk and HDF5's metadata cost ~0.4 ms per variable (a third
     of a second per save of a 1000-variable model), the same every save.
 
-    "Unchanged": the same model, optimizer and variables (by identity), the same
+    "Unchanged": the same model, optimizer and variables (by identity), every layer in the
+    same place (:func:`_placement`), the same
     ``include_optimizer``, ``arrays`` of the same names, dtypes and shapes, a state that fits
     the same slot, and a model whose every saver stores its variables and nothing else
     (:data:`_VARIABLE_SAVERS`; a user's own ``save_own_variables`` is walked every save). A
@@ -567,12 +568,39 @@ def _layout_key(
     archive: bool,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     optimizer = getattr(model, "optimizer", None)
-    objects = (model, optimizer, *model.variables, *getattr(optimizer, "variables", ()))
+    layers, places = _placement(model)
+    objects = (model, optimizer, *model.variables, *getattr(optimizer, "variables", ()), *layers)
     values = (
         archive, include_optimizer, None if state is None else len(state),
-        tuple((name, array.dtype, array.shape) for name, array in arrays.items()),
+        tuple((name, array.dtype, array.shape) for name, array in arrays.items()), places,
     )
     return objects, values
+
+
+def _placement(model: Any) -> tuple[list[Any], tuple[str, ...]]:
+    """Every layer held in an attribute of the model or of a layer in it (in a list, tuple or
+    dict too), and that attribute's name.
+
+    Keras's walk names a layer's group in the file by where it is held: two layers swapped
+    between attributes (a target network and the online one) keep every variable, in the same
+    order, and make another file.
+    """
+    layers: list[Any] = []
+    places: list[str] = []
+    seen = {id(model)}
+    pending = [model]
+    while pending:
+        for name, value in vars(pending.pop()).items():
+            if isinstance(value, dict):
+                value = tuple(value.values())
+            for child in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(child, keras.layers.Layer):
+                    layers.append(child)
+                    places.append(name)
+                    if id(child) not in seen:
+                        seen.add(id(child))
+                        pending.append(child)
+    return layers, tuple(places)
 
 
 def _segments(
@@ -599,8 +627,10 @@ def _segments(
     image = _SparseImage()
     # Large datasets start on 64-byte boundaries (in a .keras archive the member does too), so
     # resume can hand TF views of the bytes it read, which TF takes only so aligned.
-    with h5py.File(image, "w", alignment_threshold=_PLAN_MIN_BYTES,
-                   alignment_interval=_DATA_ALIGN) as h5_file, _optimizers_without_copies(model):
+    # A Ctrl-C inside h5py's calls into the image would surface as another error.
+    with preemption.interrupts_deferred(), h5py.File(
+        image, "w", alignment_threshold=_PLAN_MIN_BYTES, alignment_interval=_DATA_ALIGN,
+    ) as h5_file, _optimizers_without_copies(model):
         store = _PlanningStore(h5_file)
         _compat.resolve(_compat.KERAS_SAVE_STATE)(
             model,

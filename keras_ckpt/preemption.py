@@ -20,14 +20,15 @@ re-delivers at once. The next install also restores a stale installation first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["DEFAULT_SIGNALS", "PreemptionGuard", "signals_from"]
+__all__ = ["DEFAULT_SIGNALS", "PreemptionGuard", "interrupts_deferred", "signals_from"]
 
 # Kubernetes / spot VMs send SIGTERM; SLURM can send SIGUSR1 first (``--signal=USR1@120``).
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
@@ -70,6 +71,33 @@ def signals_from(value: Any, name: str = "save_on_preemption") -> tuple[signal.S
         if sig not in out:
             out.append(sig)
     return tuple(out)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a SIGINT that arrives inside the block until it ends, then deliver it.
+
+    h5py calls a Python file object's methods from C (our in-memory HDF5 images): a
+    KeyboardInterrupt raised inside one of them is not propagated but replaced by an
+    AttributeError from h5py's next call (``'_SparseImage' object has no attribute 'flush'``),
+    so a Ctrl-C during a save ended the run with that error. Off the main thread no handler
+    runs, and a handler not installed from Python cannot be put back: nothing is deferred then.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)  # the restored handler runs, as if never held
 
 
 def _module(frame: FrameType) -> str:
