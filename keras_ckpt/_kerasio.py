@@ -504,30 +504,40 @@ def _current_values(
     return values
 
 
-# Savers that store nothing but the saveable's variables themselves (Keras 3.15's own; the
-# optimizer's is replaced by _save_variables during the walk), under names that only a change
-# of the model's variables changes. Dense and its kin store a computed kernel with LoRA or
-# quantization: that value is not a variable, and the layout is then not kept.
-_VARIABLE_SAVERS = frozenset(
-    f"keras.src.{name}.save_own_variables" for name in (
-        "layers.layer.Layer", "layers.core.dense.Dense", "layers.core.einsum_dense.EinsumDense",
-        "layers.core.embedding.Embedding", "layers.convolutional.base_conv.BaseConv",
-        "optimizers.base_optimizer.BaseOptimizer",
-    )
+# Keras 3.15's classes whose savers store nothing but the saveable's variables themselves
+# (the optimizer's is replaced by _save_variables during the walk), under names that only a
+# change of the model's variables changes, and whose loaders only assign those variables from
+# the store. Dense and its kin store a computed kernel with LoRA or quantization: that value
+# is not a variable, and a layout is then not kept.
+_VARIABLE_ONLY_CLASSES = (
+    "layers.layer.Layer", "layers.core.dense.Dense", "layers.core.einsum_dense.EinsumDense",
+    "layers.core.embedding.Embedding", "layers.convolutional.base_conv.BaseConv",
+    "optimizers.base_optimizer.BaseOptimizer",
 )
+_VARIABLE_SAVERS = frozenset(f"keras.src.{c}.save_own_variables" for c in _VARIABLE_ONLY_CLASSES)
+# Under _HeldAssigns these loaders have no effect before apply(). Any other (a preprocessing
+# layer's derived state, a torch module's load_state_dict, a user's override) may act on the
+# values at once, so a model with one loads after the checksum.
+_ASSIGNING_LOADERS = frozenset(f"keras.src.{c}.load_own_variables" for c in _VARIABLE_ONLY_CLASSES)
 
 
-def _saves_only_variables(model: Any) -> bool:
+def _only_methods_in(model: Any, method: str, allowed: frozenset[str]) -> bool:
+    """Whether every saveable of ``model`` that has ``method`` has one of ``allowed`` (by
+    qualified name); False where this Keras lacks the walk that finds them."""
     if not all(_compat.available(api) for api in (_compat.KERAS_WALK_SAVEABLE,
                                                    _compat.KERAS_SAVEABLE)):
         return False
     for obj in _saveables(model):
-        saver = getattr(type(obj), "save_own_variables", None)
-        if hasattr(obj, "save_assets") or (
-            saver is not None and f"{saver.__module__}.{saver.__qualname__}" not in _VARIABLE_SAVERS
-        ):
+        function = getattr(type(obj), method, None)
+        if function is not None and f"{function.__module__}.{function.__qualname__}" not in allowed:
             return False
     return True
+
+
+def _saves_only_variables(model: Any) -> bool:
+    return _only_methods_in(model, "save_own_variables", _VARIABLE_SAVERS) and not any(
+        hasattr(obj, "save_assets") for obj in _saveables(model)
+    )
 
 
 class Layouts:
@@ -1159,32 +1169,15 @@ class _HeldAssigns(keras.StatelessScope):
             variable.assign(value)
 
 
-# Loaders that do nothing but assign the saveable's variables from the store (Keras 3.15's
-# own): under _HeldAssigns they have no effect before apply(). Any other (a preprocessing
-# layer's derived state, a torch module's load_state_dict, a user's override) may act on the
-# values at once, so a model with one loads after the checksum.
-_ASSIGNING_LOADERS = frozenset(
-    f"keras.src.{name}.load_own_variables" for name in (
-        "layers.layer.Layer", "layers.core.dense.Dense", "layers.core.einsum_dense.EinsumDense",
-        "layers.core.embedding.Embedding", "layers.convolutional.base_conv.BaseConv",
-        "optimizers.base_optimizer.BaseOptimizer",
-    )
-)
-
-
 def _holds_assigns(model: Any) -> bool:
     """Whether :func:`load_into` can run Keras's loading walk while the file is read: TF
     backend (the in-place values are DLPack tensors over the image, so a held value costs no
     memory; other backends would hold a converted copy of every variable beside the old ones),
     and only loaders of :data:`_ASSIGNING_LOADERS` in the model's saveable tree."""
-    if keras.backend.backend() != "tensorflow" or not all(
-        _compat.available(api) for api in (_compat.KERAS_WALK_SAVEABLE, _compat.KERAS_SAVEABLE)
+    if keras.backend.backend() != "tensorflow" or not _only_methods_in(
+        model, "load_own_variables", _ASSIGNING_LOADERS
     ):
         return False
-    for obj in _saveables(model):
-        loader = getattr(type(obj), "load_own_variables", None)
-        if loader is not None and f"{loader.__module__}.{loader.__qualname__}" not in _ASSIGNING_LOADERS:
-            return False
     # That walk built the reference objects Keras skips attributes by, once per type (they
     # create variables, which a stateless scope refuses); once they are cached, a walk creates
     # nothing. Whether it does is tried, not assumed.
