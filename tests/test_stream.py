@@ -231,3 +231,41 @@ def test_prompt_handoffs_keeps_a_switch_interval_another_thread_set_meanwhile():
         assert sys.getswitchinterval() == pytest.approx(0.02)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_a_keras_file_with_a_boolean_mask_gives_its_state_before_the_middle_arrives(tmp_path, monkeypatch):
+    # The mask's 12 MB used to lie before the next layer's metadata: the state waited for
+    # piece 1 of the read. All metadata is now in piece 0 and the state in the last piece.
+    keras = pytest.importorskip("keras")
+    from keras_ckpt import _kerasio
+
+    class Mask(keras.layers.Layer):
+        def build(self, shape):
+            self.mask = self.add_weight(shape=(12 << 20,), dtype="bool", initializer="ones",
+                                        trainable=False)
+
+        def call(self, x):
+            return x
+
+    model = keras.Sequential([keras.Input((2048,)), Mask(), keras.layers.Dense(2048)])
+    path = tmp_path / "m.weights.h5"
+    _kerasio.write_weights_h5(model, str(path), state=b'{"s": 1}')
+    assert path.stat().st_size > 3 * _stream._PIECE
+    real, release = _stream.StreamedRead._read_piece, threading.Event()
+
+    def read_piece(self, view, start, want):
+        if start == _stream._PIECE:
+            release.wait(30)
+        return real(self, view, start, want)
+
+    monkeypatch.setattr(_stream.StreamedRead, "_read_piece", read_piece)
+    with stream_of(path) as stream:
+        got = []
+        reader = threading.Thread(target=lambda: got.append(_kerasio.read_state(str(path), stream)))
+        reader.start()
+        reader.join(20)
+        arrived_first = not reader.is_alive()
+        release.set()
+        reader.join(30)
+        assert arrived_first and got == [b'{"s": 1}']
+        assert stream.verified() is not None
