@@ -647,10 +647,12 @@ def _segments(
             inner_path="",
             visited_saveables=_skipped(model, include_optimizer),
         )
-        if state is not None:
-            store.put(h5_file, STATE_MEMBER, np.frombuffer(state, dtype=np.uint8), _STATE)
         for name, array in arrays.items():
             store.put(h5_file, f"{ARRAYS_GROUP}/{name}", array, _ArrayName(name))
+        # Last, so its bytes end the file: a resume reads the last piece first, and the state
+        # before anything else (arrays such as EarlyStopping's best weights are a model's size).
+        if state is not None:
+            store.put(h5_file, STATE_MEMBER, np.frombuffer(state, dtype=np.uint8), _STATE)
         store.allocate()
     _repair_skipset_cache()
     store.extents.sort(key=lambda pair: pair[0].offset)
