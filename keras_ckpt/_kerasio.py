@@ -262,6 +262,7 @@ class _PlanningStore(_H5IOStore):
     def __init__(self, h5_file: h5py.File) -> None:
         self._file = h5_file
         self._created: list[tuple[h5py.Dataset, np.ndarray, Any]] = []
+        self._unplanned: list[tuple[h5py.Dataset, np.ndarray]] = []  # their bytes copied in
         self.extents: list[tuple[_Extent, np.ndarray]] = []
         self.reusable = True  # every dataset's bytes come from a variable, the state or arrays
         super().__init__("in-memory", mode="w")
@@ -272,9 +273,7 @@ class _PlanningStore(_H5IOStore):
     def __setitem__(self, key: str, value: Any) -> None:
         array = _to_host(value)
         if not _plannable(array):
-            self.reusable = self.reusable and array.size == 0
-            super().__setitem__(key, array)
-            return
+            keras.backend.standardize_dtype(array.dtype)  # refuses what Keras's own store refuses
         if not self._h5_entry_initialized:
             self._create_h5_group(self._h5_entry_path)
         self.put(self._h5_entry_group, key, array,
@@ -282,10 +281,14 @@ class _PlanningStore(_H5IOStore):
 
     def put(self, group: h5py.Group, name: str, array: np.ndarray, source: Any) -> None:
         """Create dataset ``name`` in ``group``; :meth:`allocate` gives it its place in the
-        file, and its bytes (from ``source``) come later."""
+        file, and its bytes (from ``source``) come later (copied now where not plannable)."""
         if not _plannable(array):
             self.reusable = self.reusable and array.size == 0
-            group.create_dataset(name, data=array)
+            if array.size == 0 or array.dtype.kind == "O":  # no storage, or a vlen type to infer
+                group.create_dataset(name, data=array)
+            else:  # bool, complex, bytes: written by allocate, else its storage splits the metadata
+                self._unplanned.append((group.create_dataset(name, shape=array.shape,
+                                                             dtype=array.dtype), array))
             return
         self.reusable = self.reusable and source is not None
         # "Never fill": HDF5 writes nothing where the bytes go, so the image stays small.
@@ -304,6 +307,10 @@ class _PlanningStore(_H5IOStore):
         of a 0.26 s read of the benchmark model). Writing one element allocates a contiguous
         dataset's whole storage at the end of the file; its bytes come from ``source`` later.
         """
+        # Before the planned ones: the state and arrays, created last, stay in the last piece
+        # of the file, which a resume reads first.
+        for dataset, array in self._unplanned:
+            dataset[()] = array
         for dataset, array, source in self._created:
             # The element's own bytes, in the file's type: h5py has no bfloat16 conversion.
             space = dataset.id.get_space()
@@ -319,6 +326,7 @@ class _PlanningStore(_H5IOStore):
             extent = _Extent(offset, dataset.name, array.dtype, array.shape, source)
             self.extents.append((extent, array))
         self._created = []
+        self._unplanned = []
 
 
 def _save_variables(optimizer: Any, store: Any) -> None:
@@ -649,10 +657,12 @@ def _segments(
             inner_path="",
             visited_saveables=_skipped(model, include_optimizer),
         )
-        if state is not None:
-            store.put(h5_file, STATE_MEMBER, np.frombuffer(state, dtype=np.uint8), _STATE)
         for name, array in arrays.items():
             store.put(h5_file, f"{ARRAYS_GROUP}/{name}", array, _ArrayName(name))
+        # Last, so its bytes end the file: a resume reads the last piece first, and the state
+        # before anything else (arrays such as EarlyStopping's best weights are a model's size).
+        if state is not None:
+            store.put(h5_file, STATE_MEMBER, np.frombuffer(state, dtype=np.uint8), _STATE)
         store.allocate()
     _repair_skipset_cache()
     store.extents.sort(key=lambda pair: pair[0].offset)

@@ -358,6 +358,53 @@ def test_the_metadata_is_at_the_head_so_a_resume_parses_it_before_the_data_arriv
     assert _kerasio.read_state(str(path)) == b'{"s": 1}'
 
 
+class Mask(keras.layers.Layer):
+    """A large boolean variable: no plannable dtype, its bytes are copied into the plan."""
+
+    def build(self, shape):
+        self.mask = self.add_weight(shape=(400_000,), dtype="bool", initializer="ones",
+                                    trainable=False)
+
+    def call(self, x):
+        return x
+
+
+def test_a_large_boolean_variable_does_not_put_the_metadata_after_it(tmp_path) -> None:
+    # Its storage was allocated as Keras's walk created it: the 400 KB came before every
+    # object header created after it, and a resume waited for the middle of the file.
+    def build() -> keras.Model:
+        model = keras.Sequential([keras.Input((300,)), Mask()]
+                                 + [keras.layers.Dense(300) for _ in range(4)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    model = build()
+    adam_step(model, 0)
+    mask = model.layers[0].mask
+    mask.assign(np.random.default_rng(0).random(400_000) < 0.5)
+    path = tmp_path / "m.weights.h5"
+    _kerasio.write_weights_h5(model, str(path), state=b'{"s": 1}')
+    headers, storage = [], []
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            headers.append(h5py.h5o.get_info(obj.id).addr)
+            if isinstance(obj, h5py.Dataset) and obj.id.get_offset() is not None:
+                storage.append(obj.id.get_offset())
+        f.visititems(visit)
+        assert f["layers/mask/vars/0"][()].tobytes() == keras.ops.convert_to_numpy(mask).tobytes()
+    assert max(headers) < min(storage)
+    stock = build()
+    stock.load_weights(str(path))
+    for want, got in zip(values(model.weights), values(stock.weights)):
+        assert want.dtype == got.dtype and want.tobytes() == got.tobytes()
+    data = bytearray(path.read_bytes())
+    data[min(storage):-(1 << 16)] = b"\xab" * (len(data) - (1 << 16) - min(storage))  # not arrived
+    path.write_bytes(data)
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: obj.attrs.keys())
+    assert _kerasio.read_state(str(path)) == b'{"s": 1}'
+
+
 def test_datasets_over_the_same_bytes_do_not_get_views_that_share_memory() -> None:
     # A crafted file may point two datasets at one range: only the first gets a view.
     store = object.__new__(_kerasio._ReadStore)

@@ -231,3 +231,64 @@ def test_prompt_handoffs_keeps_a_switch_interval_another_thread_set_meanwhile():
         assert sys.getswitchinterval() == pytest.approx(0.02)
     finally:
         sys.setswitchinterval(before)
+
+
+
+def _state_before_the_middle(monkeypatch, path) -> None:
+    """``path``'s training state is read while every piece but the first and the last is held."""
+    from keras_ckpt import _kerasio
+
+    size = path.stat().st_size
+    assert size > 3 * _stream._PIECE
+    last = (size - 1) // _stream._PIECE * _stream._PIECE
+    real, release = _stream.StreamedRead._read_piece, threading.Event()
+
+    def read_piece(self, view, start, want):
+        if start not in (0, last):
+            release.wait(30)
+        return real(self, view, start, want)
+
+    monkeypatch.setattr(_stream.StreamedRead, "_read_piece", read_piece)
+    with stream_of(path) as stream:
+        got = []
+        reader = threading.Thread(target=lambda: got.append(_kerasio.read_state(str(path), stream)))
+        reader.start()
+        reader.join(20)
+        arrived_first = not reader.is_alive()
+        release.set()
+        reader.join(30)
+        assert arrived_first and got == [b'{"s": 1}']
+        assert stream.verified() is not None
+
+
+def test_a_keras_file_with_a_boolean_mask_gives_its_state_before_the_middle_arrives(tmp_path, monkeypatch):
+    # The mask's 12 MB used to lie before the next layer's metadata: the state waited for
+    # piece 1 of the read. All metadata is now in piece 0 and the state in the last piece.
+    keras = pytest.importorskip("keras")
+    from keras_ckpt import _kerasio
+
+    class Mask(keras.layers.Layer):
+        def build(self, shape):
+            self.mask = self.add_weight(shape=(12 << 20,), dtype="bool", initializer="ones",
+                                        trainable=False)
+
+        def call(self, x):
+            return x
+
+    model = keras.Sequential([keras.Input((2048,)), Mask(), keras.layers.Dense(2048)])
+    path = tmp_path / "m.weights.h5"
+    _kerasio.write_weights_h5(model, str(path), state=b'{"s": 1}')
+    _state_before_the_middle(monkeypatch, path)
+
+
+def test_a_keras_file_with_big_sibling_arrays_gives_its_state_before_the_rest_arrives(tmp_path, monkeypatch):
+    # Sibling callbacks' arrays (EarlyStopping's best weights: a model's size) used to come
+    # after the state, which then lay outside the last piece, read first.
+    keras = pytest.importorskip("keras")
+    from keras_ckpt import _kerasio
+
+    model = keras.Sequential([keras.Input((1024,)), keras.layers.Dense(2048)])
+    path = tmp_path / "m.weights.h5"
+    best = {"best/0": np.ones((5 << 20,), "float32"), "best/1": np.ones((2048,), "float32")}
+    _kerasio.write_weights_h5(model, str(path), state=b'{"s": 1}', arrays=best)
+    _state_before_the_middle(monkeypatch, path)
