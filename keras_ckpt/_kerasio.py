@@ -529,9 +529,11 @@ _VARIABLE_SAVERS = frozenset(f"keras.src.{c}.save_own_variables" for c in _VARIA
 _ASSIGNING_LOADERS = frozenset(f"keras.src.{c}.load_own_variables" for c in _VARIABLE_ONLY_CLASSES)
 
 
-def _only_methods_in(model: Any, method: str, allowed: frozenset[str]) -> bool:
+def _only_methods_in(model: Any, method: str, allowed: frozenset[str], *,
+                     assets: bool = True) -> bool:
     """Whether every saveable of ``model`` that has ``method`` has one of ``allowed`` (by
-    qualified name); False where this Keras lacks the walk that finds them."""
+    qualified name), and, with ``assets=False``, none saves assets; False where this Keras
+    lacks the walk that finds them."""
     if not all(_compat.available(api) for api in (_compat.KERAS_WALK_SAVEABLE,
                                                    _compat.KERAS_SAVEABLE)):
         return False
@@ -539,13 +541,13 @@ def _only_methods_in(model: Any, method: str, allowed: frozenset[str]) -> bool:
         function = getattr(type(obj), method, None)
         if function is not None and f"{function.__module__}.{function.__qualname__}" not in allowed:
             return False
+        if not assets and hasattr(obj, "save_assets"):
+            return False
     return True
 
 
 def _saves_only_variables(model: Any) -> bool:
-    return _only_methods_in(model, "save_own_variables", _VARIABLE_SAVERS) and not any(
-        hasattr(obj, "save_assets") for obj in _saveables(model)
-    )
+    return _only_methods_in(model, "save_own_variables", _VARIABLE_SAVERS, assets=False)
 
 
 class Layouts:
